@@ -94,7 +94,7 @@ def _normalise_ids(col: pd.Series, name: str, source: str) -> pd.Series:
             row = int(np.flatnonzero(values != np.round(values))[0])
             raise DataFormatError(
                 f"{source}: column '{name}' holds a non-integer number "
-                f"{values[row]!r} at row {row}"
+                f"{values[row].item()!r} at row {row}"
             )
         return col.astype(np.int64)
     as_str = col.astype(str)
@@ -142,6 +142,7 @@ def validate_log(frame: pd.DataFrame, source: str, report: LoadReport | None = N
     per_item = out.groupby("item", sort=False)["category"].nunique()
     if (per_item > 1).any():
         bad = per_item[per_item > 1].index[0]
+        bad = bad.item() if hasattr(bad, "item") else bad  # plain Python value for the message
         cats = sorted(map(str, out.loc[out["item"] == bad, "category"].unique()))
         raise DataFormatError(
             f"{source}: item {bad!r} has {len(cats)} categories {cats}; "

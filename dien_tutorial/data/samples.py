@@ -69,7 +69,9 @@ class Vocabulary:
     def fit(cls, values: np.ndarray | pd.Series) -> "Vocabulary":
         """Build from training values (duplicates allowed)."""
         # Sorted, so the mapping does not depend on row order or counts.
-        return cls(ids=pd.Index(np.unique(np.asarray(values))))
+        # Hash-based unique first: sorting only the distinct ids is much
+        # faster than np.unique on millions of strings.
+        return cls(ids=pd.Index(np.sort(pd.unique(np.asarray(values)))))
 
     def __len__(self) -> int:
         """Number of rows an embedding table needs (padding and unknown included)."""
@@ -133,7 +135,7 @@ def sample_negatives(
     n_items: int,
     seed: int,
     stream: int,
-    max_attempts: int = 64,
+    max_attempts: int = 32,
 ) -> np.ndarray:
     """Draw one item per key that the key's user never clicked.
 
@@ -146,13 +148,14 @@ def sample_negatives(
         n_items: number of distinct item codes in the log.
         seed: random seed.
         stream: separates independent draws made from the same keys.
-        max_attempts: redraw rounds before giving up.
+        max_attempts: random redraw rounds; draws still clicked after them
+            pick among the user's unclicked pool items directly.
 
     Returns:
         int64 [N] item codes, none of them in its user's click set.
 
     Raises:
-        ValueError: some user clicked (almost) every item of the pool.
+        ValueError: some user clicked every item of the pool.
     """
     out = np.empty(len(keys), dtype=np.int64)
     todo = np.arange(len(keys))
@@ -166,10 +169,17 @@ def sample_negatives(
         todo = todo[taken]
         if len(todo) == 0:
             return out
-    raise ValueError(
-        f"could not find an unclicked item for {len(todo)} draw(s) after "
-        f"{max_attempts} attempts: some user clicked nearly every item in the pool"
-    )
+    # Rare: users who clicked most of the pool. Pick among their unclicked
+    # pool items exactly (a loop over these few draws only).
+    for i in todo:
+        free = pool[~np.isin(row_user[i] * n_items + pool, clicked)]
+        if len(free) == 0:
+            raise ValueError(
+                f"user code {int(row_user[i])} clicked every item that can be a "
+                "negative, so no negative can be drawn for them"
+            )
+        out[i] = free[_draw(keys[i:i + 1], seed, stream, max_attempts, len(free))[0]]
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -271,7 +281,7 @@ def build_samples(
     log: BehaviourLog,
     max_len: int = 50,
     seed: int = 0,
-    max_attempts: int = 64,
+    max_attempts: int = 32,
 ) -> DienSamples:
     """Build DIEN samples from a validated behaviour log.
 
@@ -285,7 +295,8 @@ def build_samples(
         A :class:`DienSamples`.
 
     Raises:
-        ValueError: ``max_len`` < 1, or no user has two behaviours.
+        ValueError: ``max_len`` < 1, or no user has three behaviours (so there
+            is no training target).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")

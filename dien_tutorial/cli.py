@@ -1,7 +1,10 @@
 """Command line: ``python -m dien_tutorial <command>``.
 
 Commands:
-    data   load a behaviour log, build DIEN samples, print their statistics.
+    data     load a behaviour log, build DIEN samples, print their statistics.
+    train    train one model and write DIR/metrics.json and DIR/model.pt.
+    compare  train DIEN and its three baselines on one split, several seeds.
+    export   export a checkpoint to ONNX and check it against PyTorch.
 """
 
 from __future__ import annotations
@@ -64,20 +67,187 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+PRESETS = ("tiny", "paper")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=SOURCES, default="simulated",
+                   help="where the behaviour log comes from (default: simulated)")
+    p.add_argument("--path", default=None,
+                   help="file or folder of the source (toys: defaults to the shared data folder)")
+    p.add_argument("--max-len", type=int, default=50, help="history length (default 50)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
+    p.add_argument("--preset", choices=PRESETS, default="paper",
+                   help="model widths: tiny (tests) or paper (embedding 18, hidden 36, MLP 200-80)")
+    p.add_argument("--epochs", type=int, default=5, help="maximum epochs (early stopping on valid AUC)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=1,
+                   help="epochs without a better valid AUC before stopping")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the simulator and the negative sampling (the split)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _prepare(args: argparse.Namespace):
+    """Log -> samples, shared by train and compare."""
+    from dien_tutorial.data.samples import build_samples
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    log = load_log(args.source, args.path, seed=args.data_seed)
+    return build_samples(log, max_len=args.max_len, seed=args.data_seed)
+
+
+def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
+               out_dir=None, log=print) -> dict:
+    import time
+    from pathlib import Path
+
+    from dien_tutorial.config import DIENConfig
+    from dien_tutorial.model import build_model
+    from dien_tutorial.train import TrainConfig, evaluate, fit, seed_everything
+
+    preset = getattr(DIENConfig, args.preset)
+    config = preset(n_items=len(samples.item_vocab), n_cates=len(samples.cate_vocab))
+    seed_everything(seed)
+    model = build_model(model_name, config)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       patience=args.patience, seed=seed, progress=not args.no_progress)
+    ckpt = Path(out_dir) / "model.pt" if out_dir is not None else None
+    t0 = time.perf_counter()
+    history = fit(model, samples.dataset("train"), samples.dataset("valid"), tcfg,
+                  checkpoint=ckpt, model_name=model_name, log=log)
+    wall = time.perf_counter() - t0
+    test = evaluate(model, samples.dataset("test"), tcfg.eval_batch_size)
+    import torch
+
+    return {
+        "model": model_name,
+        "source": args.source,
+        "test_auc": test["auc"],
+        "test_gauc": test["gauc"],
+        "test_logloss": test["logloss"],
+        "test_samples": test["samples"],
+        "train_samples_per_s": history.train_samples_per_s,
+        "epochs_run": len(history.epochs),
+        "best_epoch": history.best_epoch,
+        "best_valid_auc": history.best_valid_auc,
+        "stopped_early": history.stopped_early,
+        "wall_seconds": wall,
+        "seed": seed,
+        "data_seed": args.data_seed,
+        "threads": torch.get_num_threads(),
+        "train_config": vars(tcfg),
+        "model_config": model.config.to_dict(),
+        "history": history.epochs,
+        "data": {k: v for k, v in samples.stats().items() if not isinstance(v, dict)},
+    }
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = _prepare(args)
+    result = _train_one(args, samples, args.model, args.seed, out_dir=out)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"{args.model}: test auc {result['test_auc']:.4f}  gauc {result['test_gauc']:.4f}  "
+          f"logloss {result['test_logloss']:.4f}  {result['train_samples_per_s']:,.0f} train samples/s")
+    print(f"wrote {out / 'metrics.json'} and {out / 'model.pt'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+    from pathlib import Path
+
+    from dien_tutorial.model import MODEL_NAMES
+
+    samples = _prepare(args)
+    models = args.models.split(",") if args.models else list(MODEL_NAMES)
+    seeds = list(range(args.seeds))
+    rows = []
+    for name in models:
+        for seed in seeds:
+            r = _train_one(args, samples, name, seed, log=None)
+            print(f"  {name:12s} seed {seed}: test auc {r['test_auc']:.4f}  gauc {r['test_gauc']:.4f}  "
+                  f"logloss {r['test_logloss']:.4f}  {r['train_samples_per_s']:,.0f} samples/s  "
+                  f"{r['epochs_run']} epochs  {r['wall_seconds']:.0f} s", flush=True)
+            rows.append(r)
+    keys = ("test_auc", "test_gauc", "test_logloss", "train_samples_per_s")
+    print()
+    print(f"{'model':12s} " + " ".join(f"{k:>20s}" for k in keys))
+    table = {}
+    for name in models:
+        rs = [r for r in rows if r["model"] == name]
+        cells = []
+        table[name] = {}
+        for k in keys:
+            v = np.array([r[k] for r in rs], dtype=float)
+            table[name][k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            fmt = "{:,.0f} ± {:,.0f}" if k == "train_samples_per_s" else "{:.4f} ± {:.4f}"
+            cells.append(fmt.format(table[name][k]["mean"], table[name][k]["std"]))
+        print(f"{name:12s} " + " ".join(f"{c:>20s}" for c in cells))
+    print(f"(mean ± standard deviation over seeds {seeds}; one split, data seed {args.data_seed})")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps({"table": table, "runs": rows}, indent=2,
+                                                     default=str) + "\n")
+        print(f"wrote {out / 'compare.json'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dien_tutorial.export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.out, max_len=args.max_len)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dien_tutorial", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="load a log, build samples, print statistics")
-    data.add_argument("--source", choices=SOURCES, default="simulated",
-                      help="where the behaviour log comes from (default: simulated)")
-    data.add_argument("--path", default=None,
-                      help="file or folder of the source (toys: defaults to the shared data folder)")
-    data.add_argument("--max-len", type=int, default=50, help="history length (default 50)")
+    _add_data_args(data)
     data.add_argument("--seed", type=int, default=0, help="seed of simulation and sampling")
     data.add_argument("--json", action="store_true", help="print JSON instead of a table")
     data.set_defaults(func=_cmd_data)
+
+    from dien_tutorial.model import MODEL_NAMES
+
+    train = sub.add_parser("train", help="train one model")
+    _add_train_args(train)
+    train.add_argument("--model", choices=MODEL_NAMES, default="dien")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    train.add_argument("--out", required=True, help="folder for metrics.json and model.pt")
+    train.set_defaults(func=_cmd_train)
+
+    compare = sub.add_parser("compare", help="train DIEN and its baselines, several seeds")
+    _add_train_args(compare)
+    compare.add_argument("--models", default=None,
+                         help=f"comma-separated subset of {','.join(MODEL_NAMES)}")
+    compare.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    compare.add_argument("--out", default=None, help="folder for compare.json")
+    compare.set_defaults(func=_cmd_compare, no_progress=True)
+
+    export = sub.add_parser("export", help="export a checkpoint to ONNX and verify it")
+    export.add_argument("--checkpoint", required=True, help="model.pt written by train")
+    export.add_argument("--out", required=True, help="path of the .onnx file to write")
+    export.add_argument("--max-len", type=int, default=50,
+                        help="history length the model was trained with (checked at len-3, len, len+3)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -1,0 +1,304 @@
+"""DIEN and its baselines, assembled from :mod:`dien_tutorial.layers`.
+
+Read top to bottom: the output record, the embedding block, then the full
+model, then :func:`build_model`, which picks DIEN or a baseline by name.
+
+Shape legend:
+
+- ``B``: batch size (users).
+- ``T``: history steps after right-padding; step ``t`` is valid iff
+  ``t < length``.
+- ``E``: width of one embedded behaviour, item embedding ++ category
+  embedding (``item_dim + cate_dim``).
+- ``H``: hidden width of the GRUs.
+- ``K``: width of the attention keys: ``H`` when a GRU extractor runs,
+  ``E`` for DIN.
+- ``D``: width of the prediction head's input, ``3E + K``.
+
+Inputs follow the data pipeline's batch contract: int64 ids with 0 =
+padding, 1 = unknown, real ids from 2; histories right-padded to ``T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dien_tutorial.config import DIEN_EVOLVING_KINDS, DIENConfig
+from dien_tutorial.layers import (
+    MLP,
+    AttentionUnit,
+    AuxiliaryLoss,
+    AuxLossResult,
+    InterestEvolving,
+    InterestExtractor,
+)
+
+MODEL_NAMES = ("dien", "din", "gru_att", "dien_no_aux")
+
+
+class DIENOutput(NamedTuple):
+    """What :meth:`DIEN.forward` returns.
+
+    Attributes:
+        prob: click probability ``[B]``.
+        logit: click logit ``[B]``.
+        attention: attention weights ``[B, T]`` (0 on padding).
+        aux_loss: scalar auxiliary loss, NOT multiplied by ``alpha``; 0 when
+            it was not computed.
+        aux_row_loss: ``[B]``, each user's summed auxiliary pair losses
+            (zeros when not computed).
+        aux_row_pairs: ``[B]`` int64, each user's number of auxiliary pairs
+            (zeros when not computed).
+    """
+
+    prob: Tensor
+    logit: Tensor
+    attention: Tensor
+    aux_loss: Tensor
+    aux_row_loss: Tensor
+    aux_row_pairs: Tensor
+
+
+class BehaviourEmbedding(nn.Module):
+    """Item and category tables; a behaviour is their concatenation.
+
+    Row 0 of each table is padding (``padding_idx=0``: starts at zero and
+    never receives a gradient). The model still masks padded steps itself
+    and never relies on that row being zero.
+
+    Args:
+        config: supplies vocabulary sizes and widths.
+    """
+
+    def __init__(self, config: DIENConfig) -> None:
+        super().__init__()
+        self.item = nn.Embedding(config.n_items, config.item_dim, padding_idx=0)
+        self.cate = nn.Embedding(config.n_cates, config.cate_dim, padding_idx=0)
+
+    def forward(self, item: Tensor, cate: Tensor) -> Tensor:
+        """Embed behaviours.
+
+        Args:
+            item: item ids ``[...]``.
+            cate: category ids ``[...]``, same shape.
+
+        Returns:
+            ``[..., E]``.
+        """
+        return torch.cat([self.item(item), self.cate(cate)], dim=-1)  # [..., E]
+
+
+class DIEN(nn.Module):
+    """Deep Interest Evolution Network, or one of its baselines.
+
+    ``config.evolving`` selects the model:
+
+    - ``"augru"``, ``"agru"``, ``"aigru"``: DIEN. Embed the history, run the
+      interest extractor GRU, attend from the target item over its states,
+      and let the interest evolving GRU (steered by attention) produce the
+      final interest.
+    - ``"gru_att"``: the extractor GRU, then attention pooling of its states
+      (no evolving GRU).
+    - ``"none"``: DIN, attention pooling of the embeddings (no GRU).
+
+    ``config.use_aux`` adds the auxiliary loss on the extractor states.
+
+    The head sees ``[e_target, sum_t e_t, e_target * sum_t e_t, interest]``.
+    The paper lists target ad, user profile, context and the final interest;
+    our batches carry no profile or context, and we follow the authors' code
+    in adding the sum of the history embeddings and its product with the
+    target (the code also adds a user-id embedding, which the batch contract
+    does not have).
+
+    Args:
+        config: a validated :class:`DIENConfig`.
+    """
+
+    def __init__(self, config: DIENConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        emb = config.behaviour_dim  # E
+        key_dim = config.hidden if config.has_extractor else emb  # K
+
+        self.embedding = BehaviourEmbedding(config)
+        self.extractor = InterestExtractor(emb, config.hidden) if config.has_extractor else None
+        self.attention = AttentionUnit(emb, key_dim, config.attention_widths)
+        self.evolving = (
+            InterestEvolving(config.hidden, config.evolving)
+            if config.evolving in DIEN_EVOLVING_KINDS
+            else None
+        )
+        self.aux = (
+            AuxiliaryLoss(config.hidden, emb, config.aux_scorer, config.aux_widths)
+            if config.use_aux
+            else None
+        )
+        self.head = MLP(3 * emb + key_dim, config.mlp_widths, config.activation, config.dropout)
+
+    def embed_history(self, hist_item: Tensor, hist_cate: Tensor, length: Tensor) -> tuple[Tensor, Tensor]:
+        """Embed the history and build its mask.
+
+        Args:
+            hist_item: ``[B, T]``.
+            hist_cate: ``[B, T]``.
+            length: ``[B]``.
+
+        Returns:
+            ``(history [B, T, E], mask [B, T])``; padded steps of ``history``
+            are zero whatever the padding row of the tables holds, so no
+            later sum can pick it up.
+        """
+        steps = hist_item.shape[1]
+        mask = torch.arange(steps, device=length.device) < length.unsqueeze(1)  # [B, T]
+        history = self.embedding(hist_item, hist_cate)  # [B, T, E]
+        return history.masked_fill(~mask.unsqueeze(-1), 0.0), mask  # [B, T, E]
+
+    def auxiliary_loss(
+        self,
+        hist_item: Tensor,
+        hist_cate: Tensor,
+        length: Tensor,
+        neg_hist_item: Tensor,
+        neg_hist_cate: Tensor,
+        return_pairs: bool = False,
+    ) -> AuxLossResult:
+        """The auxiliary loss alone, optionally with the pairs it scored.
+
+        Runs the same embedding, extractor and auxiliary network as
+        :meth:`forward`; useful to inspect which (state, next behaviour)
+        pairs are supervised.
+
+        Args:
+            hist_item: ``[B, T]``.
+            hist_cate: ``[B, T]``.
+            length: ``[B]``.
+            neg_hist_item: ``[B, T]``.
+            neg_hist_cate: ``[B, T]``.
+            return_pairs: fill :attr:`AuxLossResult.pairs`.
+
+        Returns:
+            An :class:`~dien_tutorial.layers.AuxLossResult`.
+
+        Raises:
+            ValueError: the model has no auxiliary loss (``use_aux`` False).
+        """
+        if self.aux is None or self.extractor is None:
+            raise ValueError("this model was built with DIENConfig.use_aux=False")
+        history, mask = self.embed_history(hist_item, hist_cate, length)  # [B, T, E], [B, T]
+        states = self.extractor(history, mask)  # [B, T, H]
+        negatives = self.embedding(neg_hist_item, neg_hist_cate)  # [B, T, E]
+        return self.aux(states, history, negatives, mask, return_pairs=return_pairs)
+
+    def forward(
+        self,
+        item: Tensor,
+        cate: Tensor,
+        hist_item: Tensor,
+        hist_cate: Tensor,
+        length: Tensor,
+        neg_hist_item: Tensor | None = None,
+        neg_hist_cate: Tensor | None = None,
+    ) -> DIENOutput:
+        """Predict clicks and, when possible, compute the auxiliary loss.
+
+        The auxiliary loss is computed whenever ``config.use_aux`` is set and
+        the negatives are given, in training and in eval mode alike (it is a
+        useful validation number); pass no negatives to skip it.
+
+        Args:
+            item: target item ids ``[B]``.
+            cate: target category ids ``[B]``.
+            hist_item: clicked item ids ``[B, T]``, right-padded with 0.
+            hist_cate: their categories ``[B, T]``.
+            length: true history lengths ``[B]``, each in ``0..T``.
+            neg_hist_item: a sampled non-clicked item per step ``[B, T]``.
+            neg_hist_cate: its category ``[B, T]``.
+
+        Returns:
+            A :class:`DIENOutput`.
+        """
+        if (neg_hist_item is None) != (neg_hist_cate is None):
+            raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
+        target = self.embedding(item, cate)  # [B, E]
+        history, mask = self.embed_history(hist_item, hist_cate, length)  # [B, T, E], [B, T]
+
+        if self.extractor is not None:
+            keys = self.extractor(history, mask)  # [B, T, H]
+        else:
+            keys = history  # [B, T, E]
+        attention = self.attention(target, keys, mask)  # [B, T]
+
+        if self.evolving is not None:
+            interest = self.evolving(keys, attention, mask)  # [B, H]
+        else:
+            interest = (attention.unsqueeze(-1) * keys).sum(dim=1)  # [B, K]
+
+        history_sum = history.sum(dim=1)  # [B, E]
+        features = torch.cat([target, history_sum, target * history_sum, interest], dim=-1)  # [B, D]
+        logit = self.head(features)  # [B]
+
+        batch = item.shape[0]
+        if self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None:
+            negatives = self.embedding(neg_hist_item, neg_hist_cate)  # [B, T, E]
+            aux = self.aux(keys, history, negatives, mask)
+            aux_loss, aux_row_loss, aux_row_pairs = aux.loss, aux.row_loss, aux.row_pairs
+        else:
+            aux_loss = logit.new_zeros(())  # []
+            aux_row_loss = logit.new_zeros(batch)  # [B]
+            aux_row_pairs = torch.zeros(batch, dtype=torch.int64, device=logit.device)  # [B]
+
+        return DIENOutput(torch.sigmoid(logit), logit, attention, aux_loss, aux_row_loss, aux_row_pairs)
+
+    def loss(self, output: DIENOutput, label: Tensor) -> Tensor:
+        """Training objective: click cross-entropy + ``alpha`` * auxiliary loss.
+
+        Args:
+            output: this model's output for the batch.
+            label: clicks ``[B]`` (0 or 1, any numeric dtype).
+
+        Returns:
+            Scalar loss.
+        """
+        click = F.binary_cross_entropy_with_logits(output.logit, label.to(output.logit.dtype))
+        return click + self.config.alpha * output.aux_loss
+
+
+def build_model(name: str, config: DIENConfig) -> DIEN:
+    """DIEN or a baseline, from the same config.
+
+    Args:
+        name: ``"dien"`` (evolving layer and auxiliary loss), ``"dien_no_aux"``
+            (no auxiliary loss), ``"gru_att"`` (extractor GRU + attention
+            pooling) or ``"din"`` (attention pooling over embeddings). For the
+            two DIEN names the config's ``evolving`` picks the variant and
+            must be ``"augru"``, ``"agru"`` or ``"aigru"``.
+        config: widths and switches; ``evolving`` and ``use_aux`` are set
+            from ``name``.
+
+    Returns:
+        A freshly initialised :class:`DIEN` whose ``config`` records the
+        choices.
+
+    Raises:
+        ValueError: unknown name, or a DIEN name with a baseline ``evolving``.
+    """
+    if name in ("dien", "dien_no_aux"):
+        if config.evolving not in DIEN_EVOLVING_KINDS:
+            raise ValueError(
+                f"DIENConfig.evolving must be one of {DIEN_EVOLVING_KINDS} for model "
+                f"{name!r}, got {config.evolving!r}"
+            )
+        config = dataclasses.replace(config, use_aux=name == "dien")
+    elif name == "gru_att":
+        config = dataclasses.replace(config, evolving="gru_att", use_aux=False)
+    elif name == "din":
+        config = dataclasses.replace(config, evolving="none", use_aux=False)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    return DIEN(config)

@@ -290,8 +290,8 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             opt.step()
             b = len(batch.label)
-            sums["main"] += float(main) * b
-            sums["aux"] += float(aux) * b
+            sums["main"] += float(main.detach()) * b
+            sums["aux"] += float(aux.detach()) * b
             n += b
             if config.progress:
                 bar.set_postfix(main=f"{sums['main'] / n:.4f}", aux=f"{sums['aux'] / n:.4f}")

@@ -22,8 +22,11 @@ venv: $(STAMP)
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W --keep-going
 
+# The unit tests and every notebook under nbval (stored outputs must match a
+# fresh run); --dist loadfile keeps each notebook in one worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks \
+	    --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
 bench: $(STAMP)
 	bash benchmarks/setup_bench_env.sh

@@ -253,11 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    import zlib
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, EOFError, OverflowError, RecursionError, zlib.error) as err:
+        # ValueError covers DataFormatError. The loaders name the file in
+        # their own errors; the others are a safety net, so that bad input
+        # the loaders did not foresee still ends in one line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
 

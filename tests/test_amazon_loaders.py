@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -404,6 +405,203 @@ def test_toys_missing_file(tmp_path):
     folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=[], seq=["1 10"])
     (folder / "Toys.txt.gz").unlink()
     with pytest.raises(FileNotFoundError, match=r"neither Toys\.txt nor Toys\.txt\.gz"):
+        load_toys_5core(folder)
+
+
+# ---------------------------------------------------------------------------
+# Malformed and damaged files: every error names the file and the place
+# ---------------------------------------------------------------------------
+
+
+RECHUB_HEADER = "user_id,item_id,time,cate_id"
+
+
+def test_csv_rows_with_one_field_more_than_the_header_are_refused(tmp_path):
+    # Given a header, pandas would make the first field of such rows the
+    # index and load every column shifted by one: user 7 everywhere.
+    rows = ["7,1,10,1000,5", "7,1,11,2000,6", "7,2,12,3000,5"]
+    path = write(tmp_path / "shift.csv", "\n".join([RECHUB_HEADER, *rows]) + "\n")
+    with pytest.raises(DataFormatError, match=r"shift\.csv: line 2 has 5 fields, the header has 4$"):
+        load_rechub_csv(path)
+    # One long row further down is reported at its own line.
+    path = big_csv(tmp_path / "one.csv", ["1,10,1000,5", "1,11,2000,6", "2,12,3000,5,0"])
+    with pytest.raises(DataFormatError, match=r"one\.csv: line 4 has 5 fields, the header has 4$"):
+        load_rechub_csv(path)
+
+
+def test_toys_csv_rows_with_one_field_more_than_the_header_are_refused(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"],
+                         test=["1,11,4,2014-01-02,1,0", "1,12,4,2014-01-03,1,0"], seq=["1 10 11 12"])
+    with pytest.raises(DataFormatError,
+                       match=r"test_set_Toys_CTR\.csv\.gz: line 2 has 6 fields, the header has 5$"):
+        load_toys_5core(folder)
+
+
+@pytest.mark.parametrize("header, repeated", [
+    (f"{RECHUB_HEADER},time", "'time' 2 times"),
+    ("user_id,user_id,item_id,time,cate_id", "'user_id' 2 times"),
+])
+def test_csv_column_named_twice_is_refused(tmp_path, header, repeated):
+    n_extra = header.count(",") - RECHUB_HEADER.count(",")
+    path = write(tmp_path / "dup.csv", f"{header}\n1,10,1000,5{',7' * n_extra}\n")
+    with pytest.raises(DataFormatError, match=rf"dup\.csv: the header names column {repeated}"):
+        load_rechub_csv(path)
+
+
+def test_csv_column_whose_name_merely_looks_renamed_is_fine(tmp_path):
+    # 'time.1' is what pandas would call a second 'time'; here it is a real name.
+    path = write(tmp_path / "ok.csv", f"{RECHUB_HEADER},time.1\n1,10,1000,5,7777\n1,11,2000,5,1\n")
+    with pytest.warns(UserWarning, match="far too few"):
+        log = load_rechub_csv(path)
+    assert log.frame["time"].tolist() == [1000, 2000]
+
+
+def test_toys_csv_column_named_twice_is_refused(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["1,11,4,2014-01-02,1"], seq=["1 10 11"])
+    write(folder / "test_set_Toys_CTR.csv.gz", f"{TOYS_HEADER},class\n1,11,4,2014-01-02,1,99\n")
+    with pytest.raises(DataFormatError,
+                       match=r"test_set_Toys_CTR\.csv\.gz: the header names column 'class' 2 times"):
+        load_toys_5core(folder)
+
+
+def test_csv_time_of_19_digits_loads_and_beyond_int64_is_out_of_range(tmp_path):
+    # int64 holds some 19-digit numbers; they are integers, not an error.
+    big = 10**18
+    path = big_csv(tmp_path / "t.csv", [f"1,10,{big},5", f"1,11,{2**63 - 1},5", "1,12,-0009,5"])
+    with no_warnings():
+        log = load_rechub_csv(path)
+    assert log.frame.loc[log.frame["user"] == "1", "time"].tolist() == [-9, big, 2**63 - 1]
+    for value in (2**63, -(2**63) - 1, 10**30):
+        path = write(tmp_path / "o.csv", f"{RECHUB_HEADER}\n1,10,5,5\n1,11,{value},5\n")
+        with pytest.raises(DataFormatError,
+                           match=rf"o\.csv: column 'time' is out of range on line 3: '{value}'"):
+            load_rechub_csv(path)
+
+
+def damage(path: Path, how: str) -> None:
+    """Break the gzip file at ``path`` in one of four ways."""
+    data = path.read_bytes()
+    broken = {
+        "truncated": data[: len(data) // 2],
+        "not gzip": gzip.decompress(data),  # plain text under a .gz name
+        "bad checksum": data[:-8] + b"\0\0\0\0" + data[-4:],
+        "bad deflate": data[:10] + b"\xff" * 20,  # block type 3 does not exist
+    }[how]
+    path.write_bytes(broken)
+
+
+DAMAGES = ["truncated", "not gzip", "bad checksum", "bad deflate"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_gzip_csv_names_the_file(tmp_path, how):
+    path = big_csv(tmp_path / "log.csv.gz", ["1,10,1000,5"])
+    damage(path, how)
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(str(path))}: corrupt or truncated gzip \(.+\)$"):
+        load_rechub_csv(path)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("name", ["train_set_Toys_CTR.csv.gz", "Toys.txt.gz"])
+def test_damaged_gzip_toys_file_names_the_file(tmp_path, how, name):
+    folder = toys_folder(tmp_path, train=[f"1,{10 + i},4,2014-01-01,1" for i in range(300)],
+                         test=["2,10,4,2014-01-01,1"],
+                         seq=["1 " + " ".join(str(10 + i) for i in range(300)), "2 10"])
+    damage(folder / name, how)
+    with pytest.raises(DataFormatError,
+                       match=rf"^{re.escape(str(folder / name))}: corrupt or truncated gzip \(.+\)$"):
+        load_toys_5core(folder)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("which", ["reviews", "meta"])
+def test_damaged_gzip_raw_file_names_the_file(tmp_path, raw_files, how, which):
+    r, m = raw_files
+    r = write(tmp_path / "reviews_Z_5.json.gz", r.read_text() * 50)
+    m = write(tmp_path / "meta_Z.json.gz", m.read_text() * 50)
+    bad = r if which == "reviews" else m
+    damage(bad, how)
+    with pytest.raises(DataFormatError,
+                       match=rf"^{re.escape(str(bad))}: corrupt or truncated gzip \(.+\)$"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the repeated meta lines of a readable meta
+            load_amazon_raw(r, m)
+
+
+def test_folder_given_as_a_file_names_the_path(tmp_path, raw_files):
+    folder = tmp_path / "clicks.csv"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"clicks\.csv: is a folder, not a file"):
+        load_rechub_csv(folder)
+    r, m = raw_files
+    with pytest.raises(IsADirectoryError, match=r"clicks\.csv: is a folder, not a file"):
+        load_amazon_raw(folder, m)
+    with pytest.raises(IsADirectoryError, match=r"clicks\.csv: is a folder, not a file"):
+        load_amazon_raw(r, folder)
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.csv: no such file"):
+        load_rechub_csv(tmp_path / "nowhere.csv")
+
+
+def test_toys_folder_holding_a_folder_under_a_file_name(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=[], seq=["1 10"])
+    (folder / "Toys.txt.gz").unlink()
+    (folder / "Toys.txt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"Toys\.txt: is a folder, not a file"):
+        load_toys_5core(folder)
+    with pytest.raises(NotADirectoryError, match=r"train_set_Toys_CTR\.csv\.gz: not a folder"):
+        load_toys_5core(folder / "train_set_Toys_CTR.csv.gz")
+
+
+def test_raw_time_beyond_int64_is_out_of_range(tmp_path, raw_files):
+    _, m = raw_files
+    lines = [review("U1", "B01", 1), review("U1", "B02", 2), review("U2", "B01", 2**63)]
+    r = write(tmp_path / "reviews_Big_5.json", "\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError,
+                       match=r"reviews_Big_5\.json:3: field 'unixReviewTime' is out of range"):
+        load_amazon_raw(r, m)
+    lines[2] = review("U2", "B01", -(2**63))  # the smallest int64 is fine
+    r = write(tmp_path / "reviews_Small_5.json", "\n".join(lines) + "\n")
+    assert load_amazon_raw(r, m).frame["time"].min() == -(2**63)
+
+
+def test_raw_deeply_nested_line_is_malformed_json(tmp_path, raw_files):
+    _, m = raw_files
+    deep = '{"reviewerID": "U9", "asin": "B01", "unixReviewTime": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = write(tmp_path / "reviews_Deep_5.json", "\n".join([review("U1", "B01", 1), "", deep]) + "\n")
+    with pytest.raises(DataFormatError, match=r"reviews_Deep_5\.json:3: malformed JSON \(nested too deeply\)$"):
+        load_amazon_raw(r, m)
+
+
+@pytest.mark.parametrize("label, shown", [("None", "None"), ("5", "5"), ("['Dolls']", r"\['Dolls'\]")])
+def test_meta_label_that_is_not_a_string_is_refused(tmp_path, raw_files, label, shown):
+    r, _ = raw_files
+    m = write(tmp_path / "meta_L.json", "\n".join([
+        meta("B01", [["Toys & Games", "Puzzles"]]),
+        f"{{'asin': 'B02', 'categories': [['Toys & Games', {label}]]}}",
+    ]) + "\n")
+    with pytest.raises(DataFormatError,
+                       match=rf"meta_L\.json:2: field 'categories' must end in a string label, found {shown}"):
+        load_amazon_raw(r, m)
+
+
+def test_meta_blank_label_means_no_category_and_is_counted(tmp_path, raw_files):
+    r, _ = raw_files
+    m = write(tmp_path / "meta_B.json", "\n".join([
+        meta("B01", [["Toys & Games", "Puzzles"]]), meta("B02", [["Toys & Games", "  "]])]) + "\n")
+    with pytest.warns(UserWarning, match="dropped 2 reviews of items without categories in meta_B.json"):
+        log = load_amazon_raw(r, m)
+    assert log.frame["item"].tolist() == ["B01", "B01"]
+    assert log.report.dropped == {"reviews of items without categories in meta_B.json": 2}
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_toys_sequence_not_utf8_names_file_and_line(tmp_path, gz):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"],
+                         seq=["1 10"], gz=gz)
+    name = "Toys.txt.gz" if gz else "Toys.txt"
+    data = b"1 10\n2 10 caf\xe9\n"
+    (folder / name).write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(DataFormatError, match=rf"{re.escape(name)}:2: not UTF-8 \(invalid continuation byte\)"):
         load_toys_5core(folder)
 
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import re
+import socket
+import stat
 import threading
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,7 @@ import pytest
 from dien_tutorial.data.download import (
     AMAZON_2014_FILES,
     DownloadError,
+    _opener,
     amazon_2014_urls,
     download,
     file_sha256,
@@ -148,3 +155,118 @@ def test_amazon_2014_urls():
         }
     with pytest.raises(ValueError, match="letters, digits and underscores"):
         amazon_2014_urls("../etc", "http://mirror.example/")
+
+
+# ---------------------------------------------------------------------------
+# Redirects, destinations, checksum arguments and file modes
+# ---------------------------------------------------------------------------
+
+
+@contextmanager
+def redirecting_server(location: str) -> Iterator[tuple[str, list[str]]]:
+    """A 127.0.0.1 server answering every GET with ``302 Location: location``."""
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+            requests.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args) -> None:  # keep test output clean
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        host, port = httpd.server_address[:2]
+        yield f"http://{host}:{port}", requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def trap() -> Iterator[socket.socket]:
+    """A listening 127.0.0.1 socket that no download may connect to."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    sock.setblocking(False)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_redirect_to_ftp_is_refused_before_any_connection(tmp_path, trap):
+    target = f"ftp://127.0.0.1:{trap.getsockname()[1]}/reviews_Toys_5.json.gz"
+    dest = tmp_path / "out" / "reviews.json.gz"
+    with redirecting_server(target) as (base, requests):
+        with pytest.raises(DownloadError) as err:
+            download(f"{base}/reviews_Toys_5.json.gz", dest, progress=False, timeout=2)
+    message = str(err.value)
+    assert message.startswith(f"{base}/reviews_Toys_5.json.gz: refused to follow a redirect to {target}")
+    assert "the scheme ftp: is not http: or https:" in message
+    assert requests == ["/reviews_Toys_5.json.gz"]
+    # Nobody knocked on the ftp port: the redirect was refused, not tried.
+    with pytest.raises(BlockingIOError):
+        trap.accept()
+    assert list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["file:///etc/hostname", "data:,hello"])
+def test_redirect_to_a_local_scheme_is_refused(tmp_path, target):
+    with redirecting_server(target) as (base, _):
+        with pytest.raises(DownloadError, match=rf"{base}/x: .*{re.escape(target)}.* not allowed"):
+            download(f"{base}/x", tmp_path / "x", progress=False, timeout=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirect_to_http_is_followed(server, tmp_path):
+    with redirecting_server(f"{server.url}/reviews_Toys_5.json.gz") as (base, _):
+        download(f"{base}/moved", tmp_path / "r.gz", progress=False)
+    assert (tmp_path / "r.gz").read_bytes() == PAYLOAD
+
+
+def test_opener_speaks_http_only():
+    handlers = _opener().handlers
+    local = (urllib.request.FTPHandler, urllib.request.FileHandler, urllib.request.DataHandler)
+    assert not any(isinstance(h, local) for h in handlers)
+    assert any(isinstance(h, urllib.request.HTTPHandler) for h in handlers)
+
+
+def test_destination_that_is_a_folder_is_refused_before_fetching(server, tmp_path):
+    dest = tmp_path / "reviews.json.gz"
+    dest.mkdir()
+    with pytest.raises(DownloadError, match=rf"^{re.escape(str(dest))}: is a folder"):
+        download(f"{server.url}/reviews_Toys_5.json.gz", dest, progress=False)
+    assert server.requests == []
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [
+    "sha256:" + hashlib.sha256(PAYLOAD).hexdigest(),
+    hashlib.sha256(PAYLOAD).hexdigest()[:-1],
+    "g" * 64,
+    "",
+])
+def test_malformed_checksum_argument_is_refused_before_fetching(server, tmp_path, bad):
+    with pytest.raises(ValueError, match=rf"sha256 must be 64 hexadecimal digits, got {re.escape(repr(bad))}"):
+        download(f"{server.url}/reviews_Toys_5.json.gz", tmp_path / "r.gz", sha256=bad, progress=False)
+    assert server.requests == []
+    assert list(tmp_path.glob("r.gz*")) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_downloaded_file_mode_follows_the_umask(server, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        got = download(f"{server.url}/reviews_Toys_5.json.gz", tmp_path / "r.gz", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(got.stat().st_mode) == mode

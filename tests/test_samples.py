@@ -708,3 +708,88 @@ def test_validate_log_sorts_by_user_time_order():
 def test_validate_log_empty_frame():
     with pytest.raises(DataFormatError, match="src: the log has no rows"):
         validate_log(_frame().iloc[:0], "src")
+
+
+# ---------------------------------------------------------------------------
+# Values int64 cannot hold, huge max_len, and errors naming raw ids
+# ---------------------------------------------------------------------------
+
+
+def test_validate_log_float_ids_must_be_finite_and_exact():
+    # Cast blindly, 1e19 would become int64's minimum and inf an error without a row.
+    for bad, shown, row in [
+        ([10.0, 1e19, 11.0], r"1e\+19", 1),
+        ([np.inf, 10.0, 11.0], "inf", 0),
+        ([10.0, 11.0, -np.inf], "-inf", 2),
+        ([10.0, 11.0, 2.0**53 + 2], "9007199254740994.0", 2),
+    ]:
+        with pytest.raises(DataFormatError, match=rf"src: column 'item' holds {shown} at row {row};"):
+            validate_log(_frame(item=bad), "src")
+    log = validate_log(_frame(item=[2.0**53, -(2.0**53), 2.0**53]), "src")  # still exact
+    assert log.frame["item"].tolist() == [2**53, -(2**53), 2**53]
+
+
+@pytest.mark.parametrize("column", ["time", "order", "item"])
+def test_validate_log_uint64_beyond_int64_is_refused(column):
+    values = np.array([5, 2**63 + 5, 5], dtype=np.uint64)
+    with pytest.raises(DataFormatError,
+                       match=rf"src: column '{column}' holds {2**63 + 5} at row 1, which does not fit"):
+        validate_log(_frame(**{column: values}), "src")
+    fits = validate_log(_frame(time=np.array([100, 2**63 - 1, 100], dtype=np.uint64)), "src")
+    assert fits.frame["time"].tolist() == [100, 2**63 - 1, 100]
+
+
+@pytest.mark.parametrize("column", ["time", "order"])
+def test_validate_log_nullable_integers_with_na_are_refused(column):
+    values = pd.array([1, None, 0], dtype="Int64")
+    with pytest.raises(DataFormatError, match=rf"src: column '{column}' is empty at row 1"):
+        validate_log(_frame(**{column: values}), "src")
+    log = validate_log(_frame(**{column: pd.array([1, 2, 0], dtype="Int64")}), "src")
+    assert log.frame[column].dtype == np.int64
+
+
+def _unknown_history_log():
+    """Three users; the last two clicks of user 1 are items no training target has."""
+    rows = [(0, 1, 0, 1, 0), (0, 2, 0, 2, 0), (0, 3, 0, 3, 0), (0, 4, 0, 4, 0),
+            (1, 1, 0, 1, 0), (1, 2, 0, 2, 0), (1, 9, 0, 3, 0), (1, 10, 0, 4, 0),
+            (2, 5, 0, 1, 0), (2, 6, 0, 2, 0), (2, 7, 0, 3, 0), (2, 8, 0, 4, 0)]
+    return make_log(rows, source="tiny log")
+
+
+@pytest.mark.parametrize("max_len", [2**63 - 1, 2**64, 10**30])
+def test_max_len_beyond_the_log_length_means_no_limit(max_len):
+    log = _unknown_history_log()
+    full = build_samples(log, max_len=len(log.frame))
+    huge = build_samples(log, max_len=max_len)
+    assert huge.max_len == max_len
+    # 2**63 - 1 used to wrap around in int64 and drop the test histories' unknown items.
+    assert full.counts["test_unknown_history_items"] == 3
+    assert huge.counts == full.counts
+    for name in full.splits:
+        for field_name, want in vars(full.splits[name]).items():
+            np.testing.assert_array_equal(getattr(huge.splits[name], field_name), want)
+    np.testing.assert_array_equal(huge.beh_neg_item, full.beh_neg_item)
+
+
+def test_max_len_of_1e8_on_a_real_sized_log_is_quick(dense_log):
+    # The windows counted for unknown history items are as wide as the
+    # longest history, not max_len (10**8 columns took minutes and 10 GB).
+    samples = build_quiet(dense_log, max_len=10**8)
+    reference = build_quiet(dense_log, max_len=len(dense_log.frame))
+    assert samples.counts == reference.counts
+
+
+def test_user_who_clicked_every_item_is_named_by_raw_id_and_source():
+    rows = [(f"u{u}", f"i{(u * 3 + k) % 10}", "c", k, 0) for u in range(4) for k in range(4)]
+    rows += [("alice", f"i{i}", "c", 100 + i, 0) for i in range(10)]
+    log = make_log(rows, source="clicks.csv")
+    with pytest.raises(ValueError,
+                       match=r"^clicks\.csv: user 'alice' clicked every item that can be a negative"):
+        build_samples(log)
+
+
+def test_sample_negatives_error_uses_raw_ids_when_given():
+    with pytest.raises(ValueError, match=r"^user 70012 clicked every item"):
+        sample_negatives(np.arange(2, dtype=np.uint64), np.zeros(2, dtype=np.int64),
+                         np.arange(4, dtype=np.int64), np.arange(4), 4, seed=0, stream=1,
+                         max_attempts=2, user_ids=np.array([70012]))

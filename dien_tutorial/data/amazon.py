@@ -27,9 +27,13 @@ papers start from, published by the UCSD McAuley lab:
   for example ``[['Toys & Games', 'Puzzles', 'Jigsaw Puzzles']]``. As in the
   DIN/DIEN preprocessing, the item's category is ``categories[-1][-1]``: the
   last element of the last path, the most specific label
-  (``'Jigsaw Puzzles'`` above). Each line is parsed with :mod:`ast` and
-  checked to contain literals only before :func:`ast.literal_eval` builds
-  it; nothing from the file is ever executed.
+  (``'Jigsaw Puzzles'`` above). That label must be a string: any other
+  value (``None``, a number, a list) is an error naming the line. A label
+  that is empty or blank, like an empty ``categories`` list, means the
+  product has no category: its reviews are dropped and counted. Each line
+  is parsed with :mod:`ast` and checked to contain literals only before
+  :func:`ast.literal_eval` builds it; nothing from the file is ever
+  executed.
 
 **Toys & Games 5-core CSVs** (:func:`load_toys_5core`): the same Toys data
 after upstream re-mapping to integer ids, as three files:
@@ -49,16 +53,26 @@ Each may also be gzip-compressed (``.gz`` appended to the name).
 ``user_id,item_id,time,cate_id`` with ``time`` in unix seconds, the format of
 torch-rechub's DIN/DIEN examples. ``order`` is the row number.
 
+In every CSV a row must have as many fields as the header, and the header
+must name each column once. A damaged or truncated compressed file, in any
+format, is an error naming the file, never a partial log.
+
 :func:`load_source` picks a loader by name, for the command line.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import gzip
 import json
+import lzma
 import os
+import re
 import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +110,16 @@ _LITERAL_NODES = (
 # At most 18 digits, so every integer id fits in int64 without checking.
 _CANONICAL_INT = r"-?(?:0|[1-9]\d{0,17})"
 
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+# What each compressed suffix is called in an error message (pandas infers
+# the compression of a CSV from the same suffixes).
+_COMPRESSION_NAMES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zip": "zip", ".zst": "zstd"}
+
+# The tokenizer's message for a row whose field count differs from the
+# header's; parsed so the error can be phrased in this module's terms.
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
 
 # ---------------------------------------------------------------------------
 # Small shared helpers
@@ -127,11 +151,64 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _require_file(path: Path) -> None:
+    """Fail early, naming ``path``, when it is a folder or does not exist.
+
+    Python's own errors would say ``[Errno 21] Is a directory`` from deep
+    inside pandas or gzip; this says what was expected instead.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        FileNotFoundError: nothing is at ``path``.
+    """
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn the errors of a damaged compressed file into a :class:`DataFormatError`.
+
+    A truncated gzip raises :class:`EOFError`, a bad header or checksum
+    :class:`gzip.BadGzipFile` (an :class:`OSError`), a damaged deflate
+    stream :class:`zlib.error`; bzip2 raises a bare :class:`OSError`, xz
+    :class:`lzma.LZMAError`, zip :class:`zipfile.BadZipFile`. None of them
+    names the file, and all of them can come from the middle of a read,
+    so the whole read is wrapped.
+
+    Raises:
+        DataFormatError: ``"<file>: corrupt or truncated gzip (...)"``.
+        OSError: a file-system error (it already names the file), or a
+            read error of an uncompressed file, prefixed with its name.
+    """
+    kind = _COMPRESSION_NAMES.get(path.suffix.lower())
+    try:
+        yield
+    except (EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile) as err:
+        raise _corrupt(path, kind, err) from None
+    except OSError as err:
+        if err.filename is not None:
+            raise  # permissions and the like: the message names the file
+        if kind is None:
+            raise OSError(f"{path}: could not be read ({err})") from err
+        raise _corrupt(path, kind, err) from None
+
+
+def _corrupt(path: Path, kind: str | None, err: BaseException) -> DataFormatError:
+    """The error for a compressed file that does not decompress."""
+    detail = str(err) or type(err).__name__
+    return DataFormatError(f"{path}: corrupt or truncated {kind or 'compressed file'} ({detail})")
+
+
 def _find_file(folder: Path, name: str) -> Path:
     """``folder/name`` or ``folder/name.gz``, whichever exists."""
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.is_file():
             return candidate
+        if candidate.is_dir():
+            raise IsADirectoryError(f"{candidate}: is a folder, not a file")
     raise FileNotFoundError(f"{folder}: neither {name} nor {name}.gz is there")
 
 
@@ -149,18 +226,54 @@ def _read_text_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     cells, reported as errors) so that row ``i`` is line ``i + 2``: the
     header is line 1. That holds because these formats never quote newlines.
 
+    The header is read as an ordinary row (``header=None``) rather than by
+    pandas, for two reasons. Given a header, pandas silently turns the
+    first field of every row into the index when each row has one field
+    more than the header, shifting every column by one; read as a row, the
+    header fixes the field count and any longer row is an error. And pandas
+    renames a repeated column (``time``, ``time.1``), which would hide that
+    the file has two columns claiming one name.
+
     Raises:
-        DataFormatError: the file is empty, has no data rows, lacks a
-            required column, or has an empty cell in one.
+        IsADirectoryError: ``path`` is a folder.
+        FileNotFoundError: ``path`` does not exist.
+        DataFormatError: the file is empty, is a damaged compressed file,
+            has a row with more fields than the header, names a column
+            twice, has no data rows, lacks a required column, or has an
+            empty cell in one.
     """
-    try:
-        frame = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False
+    _require_file(path)
+    with _reading(path):
+        try:
+            cells = pd.read_csv(
+                path,
+                header=None,
+                dtype=str,
+                keep_default_na=False,
+                na_filter=False,
+                skip_blank_lines=False,
+            )
+        except pd.errors.EmptyDataError:
+            raise DataFormatError(f"{path}: the file is empty") from None
+        except pd.errors.ParserError as err:
+            found = _FIELD_COUNT.search(str(err))
+            if found is None:
+                raise DataFormatError(f"{path}: not a readable CSV file ({err})") from None
+            expected, line, saw = found.groups()
+            raise DataFormatError(
+                f"{path}: line {line} has {saw} fields, the header has {expected}"
+            ) from None
+        except ValueError as err:  # bad encoding, or a zip holding no or several files
+            raise DataFormatError(f"{path}: not a readable CSV file ({err})") from None
+    header = pd.Index(cells.iloc[0].astype(str))
+    repeated = header[header.duplicated()].unique()
+    if len(repeated):
+        name = repeated[0]
+        raise DataFormatError(
+            f"{path}: the header names column {name!r} {int((header == name).sum())} times; "
+            "each column must be named once"
         )
-    except pd.errors.EmptyDataError:
-        raise DataFormatError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{path}: not a readable CSV file ({err})") from None
+    frame = cells.iloc[1:].set_axis(header, axis=1).reset_index(drop=True)
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataFormatError(
@@ -178,19 +291,29 @@ def _read_text_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _integer_column(text: pd.Series, path: Path, column: str) -> np.ndarray:
-    """Parse a text column that must hold integers.
+    """Parse a text column that must hold 64-bit integers.
 
     Raises:
-        DataFormatError: naming the file, the column and the first bad line.
+        DataFormatError: naming the file, the column and the first bad line,
+            for a value that is not an integer or does not fit in int64.
     """
     stripped = text.str.strip()
-    ok = stripped.str.fullmatch(r"[+-]?\d{1,18}").to_numpy(dtype=bool)
+    ok = stripped.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool)
     if not ok.all():
         row = _first_bad(~ok)
         raise DataFormatError(
             f"{path}: column '{column}' must hold integers; "
             f"line {row + 2} has {text.iloc[row]!r}"
         )
+    # Up to 18 significant digits always fit in int64; the few longer values
+    # are checked exactly as Python ints (int64 holds some 19-digit numbers).
+    digits = stripped.str.lstrip("+-").str.lstrip("0").str.len().to_numpy()
+    for row in np.flatnonzero(digits >= 19):
+        if not _INT64_MIN <= int(stripped.iloc[row]) <= _INT64_MAX:
+            raise DataFormatError(
+                f"{path}: column '{column}' is out of range on line {row + 2}: "
+                f"{text.iloc[row]!r} does not fit in a 64-bit integer"
+            )
     return stripped.astype(np.int64).to_numpy()
 
 
@@ -229,14 +352,17 @@ def _read_reviews(path: Path) -> pd.DataFrame:
 
     Raises:
         DataFormatError: ``"<file>:<line>: ..."`` for a line that is not a
-            JSON object or lacks a field, and for an empty file.
+            JSON object (or nests too deeply to parse) or lacks a field, or
+            whose time does not fit in 64 bits; ``"<file>: ..."`` for an
+            empty or damaged compressed file.
     """
     users: list[str] = []
     items: list[str] = []
     times: list[int] = []
     orders: list[int] = []
+    _require_file(path)
     # Bytes, decoded per line, so a bad encoding is reported with its line.
-    with _open_binary(path) as handle:
+    with _reading(path), _open_binary(path) as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -247,6 +373,12 @@ def _read_reviews(path: Path) -> pd.DataFrame:
             except json.JSONDecodeError as err:
                 raise DataFormatError(
                     f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                ) from None
+            except RecursionError:
+                # json's parser recurses once per [ or {; thousands of them
+                # exhaust the stack long before the line ends.
+                raise DataFormatError(
+                    f"{path}:{lineno}: malformed JSON (nested too deeply)"
                 ) from None
             if not isinstance(record, dict):
                 raise DataFormatError(
@@ -262,6 +394,11 @@ def _read_reviews(path: Path) -> pd.DataFrame:
             if not isinstance(stamp, int) or isinstance(stamp, bool):
                 what = "missing" if "unixReviewTime" not in record else f"not an integer: {stamp!r}"
                 raise DataFormatError(f"{path}:{lineno}: field 'unixReviewTime' is {what}")
+            if not _INT64_MIN <= stamp <= _INT64_MAX:
+                raise DataFormatError(
+                    f"{path}:{lineno}: field 'unixReviewTime' is out of range: "
+                    f"{stamp} does not fit in a 64-bit integer"
+                )
             users.append(record["reviewerID"])
             items.append(record["asin"])
             times.append(stamp)
@@ -309,7 +446,17 @@ def _parse_literal(line: str, path: Path, lineno: int) -> Any:
 
 
 def _category_of(record: dict, path: Path, lineno: int) -> str | None:
-    """The most specific category, ``categories[-1][-1]``, or ``None``."""
+    """The most specific category, ``categories[-1][-1]``, or ``None``.
+
+    ``None`` (no category; the caller drops and counts the item's reviews)
+    when ``categories`` is absent or empty, its last path is empty, or the
+    label is an empty or blank string.
+
+    Raises:
+        DataFormatError: ``categories`` is not a list of lists, or the label
+            is not a string (``str()`` would turn ``None`` into a category
+            called ``'None'``).
+    """
     paths = record.get("categories")
     if paths is None:
         return None
@@ -319,8 +466,13 @@ def _category_of(record: dict, path: Path, lineno: int) -> str | None:
         )
     if not paths or not paths[-1]:
         return None
-    label = str(paths[-1][-1]).strip()
-    return label or None
+    label = paths[-1][-1]
+    if not isinstance(label, str):
+        raise DataFormatError(
+            f"{path}:{lineno}: field 'categories' must end in a string label, "
+            f"found {label!r} ({type(label).__name__})"
+        )
+    return label.strip() or None
 
 
 def _read_meta(path: Path, report: LoadReport) -> dict[str, str | None]:
@@ -328,11 +480,13 @@ def _read_meta(path: Path, report: LoadReport) -> dict[str, str | None]:
 
     Raises:
         DataFormatError: ``"<file>:<line>: ..."`` for a line that is not a
-            literal dict or lacks ``asin``, and for an empty file.
+            literal dict, lacks ``asin`` or has a malformed ``categories``;
+            ``"<file>: ..."`` for an empty or damaged compressed file.
     """
     categories: dict[str, str | None] = {}
     repeated = 0
-    with _open_binary(path) as handle:
+    _require_file(path)
+    with _reading(path), _open_binary(path) as handle:
         for lineno, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -483,9 +637,21 @@ def _read_sequences(path: Path, report: LoadReport) -> pd.DataFrame:
 
     ``position`` counts from 0 along the user's line. If a user has several
     lines they are read as one sequence in file order.
+
+    Raises:
+        DataFormatError: ``"<file>:<line>: ..."`` for text that is not UTF-8
+            or a token that is not an integer; ``"<file>: ..."`` for an
+            empty or damaged compressed file.
     """
-    with _open_binary(path) as handle:
-        lines = pd.Series(handle.read().decode("utf-8").splitlines(), dtype=str)
+    _require_file(path)
+    with _reading(path), _open_binary(path) as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1  # the line holding the bad byte
+        raise DataFormatError(f"{path}:{line}: not UTF-8 ({err.reason})") from None
+    lines = pd.Series(text.splitlines(), dtype=str)
     if lines.empty or (lines.str.strip() == "").all():
         raise DataFormatError(f"{path}: the file is empty")
     tokens = lines.str.split()
@@ -533,9 +699,15 @@ def load_toys_5core(folder: str | Path) -> BehaviourLog:
 
     Raises:
         FileNotFoundError: one of the three files is absent.
+        NotADirectoryError: ``folder`` is a file.
+        IsADirectoryError: one of the three names is a folder.
         DataFormatError: a file does not follow the format above.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"{folder}: not a folder; expected the folder holding {', '.join(TOYS_FILES)}"
+        )
     train_path, test_path, seq_path = (_find_file(folder, name) for name in TOYS_FILES)
     frame = pd.concat([_read_toys_csv(train_path), _read_toys_csv(test_path)], ignore_index=True)
     report = LoadReport(source=str(folder), rows_read=len(frame))

@@ -4,7 +4,8 @@
 destination, checks its SHA-256 when one is given, and only then renames it
 into place. A failed or interrupted download therefore never leaves a
 half-written file under the final name, and a file that is already there
-with the right checksum is not fetched again.
+with the right checksum is not fetched again. Only HTTP(S) is spoken: the
+URL and every redirect it leads to must be ``http://`` or ``https://``.
 
 The Amazon review data of 2014 (the files the DIN and DIEN papers use) is
 published by the UCSD McAuley lab, one pair of files per product category:
@@ -25,7 +26,7 @@ import hashlib
 import http.client
 import os
 import re
-import tempfile
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,9 +48,51 @@ AMAZON_2014_FILES: dict[str, str] = {
 
 _CHUNK = 1 << 16  # 64 KiB: small enough for a smooth progress bar
 
+_SCHEMES = ("http", "https")
+
 
 class DownloadError(RuntimeError):
-    """A download failed: HTTP error, network error, or wrong checksum."""
+    """A download failed: HTTP error, network error, refused redirect, or wrong checksum."""
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) URLs only.
+
+    urllib's own handler refuses ``file:`` and ``data:`` targets but follows
+    ``ftp:``, so a server (or anyone on the path of a plain-http request)
+    could send the download to another protocol and host.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib's hook)
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in _SCHEMES:
+            fp.close()
+            raise DownloadError(
+                f"{req.full_url}: refused to follow a redirect to {newurl}: "
+                f"the scheme {scheme + ':' if scheme else '(none)'} is not http: or https:"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """An opener that speaks HTTP(S) and nothing else.
+
+    Built handler by handler instead of with ``build_opener``, which would
+    add the ftp:, file: and data: handlers too. Proxies from the environment
+    are still honoured, as by ``urlopen``.
+    """
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _HttpOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 def file_sha256(path: str | Path) -> str:
@@ -104,8 +147,10 @@ def download(
 
     Args:
         url: an ``http://`` or ``https://`` URL.
-        dest: the file to write; its folder is created if needed.
-        sha256: expected hex digest of the file, or ``None`` to skip the check.
+        dest: the file to write; its folder is created if needed. A new
+            file gets the usual permissions (``0o666`` less the umask).
+        sha256: expected hex digest of the file (64 hex digits, either
+            case), or ``None`` to skip the check.
         progress: show a tqdm progress bar (on stderr).
         timeout: seconds to wait for the server on each network operation.
 
@@ -113,19 +158,28 @@ def download(
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: the URL is not HTTP(S).
-        DownloadError: the server answered with an error, the connection
+        ValueError: the URL is not HTTP(S), or ``sha256`` is not 64 hex
+            digits; both are checked before anything is fetched.
+        DownloadError: ``dest`` is a folder, the server answered with an
+            error or redirected to a URL that is not HTTP(S), the connection
             failed or ended early, or the checksum did not match (the
             message names the file and both digests). In every case
             ``dest`` is left as it was and no temporary file remains.
     """
     dest = Path(dest)
-    scheme = urllib.parse.urlsplit(url).scheme
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
     # urllib also opens file:, ftp: and data: URLs; a data download should
     # not quietly read a local file because of a typo in a config.
-    if scheme not in ("http", "https"):
+    if scheme not in _SCHEMES:
         raise ValueError(f"{url}: only http:// and https:// URLs are downloaded")
-    expected = sha256.lower() if sha256 else None
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(
+            f"sha256 must be 64 hexadecimal digits, got {sha256!r}; "
+            "pass None to download without a check"
+        )
+    expected = sha256.lower() if sha256 is not None else None
+    if dest.is_dir():
+        raise DownloadError(f"{dest}: is a folder; give the path of the file to write")
 
     if dest.is_file():
         if expected is None:
@@ -139,12 +193,7 @@ def download(
         )
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as dest, so the final os.replace is a rename on one file
-    # system: atomic, never a copy that could be seen half-written.
-    handle = tempfile.NamedTemporaryFile(
-        dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
-    )
-    tmp = Path(handle.name)
+    handle, tmp = _create_part_file(dest)
     try:
         with handle:
             actual = _stream(url, handle, dest.name, progress, timeout)
@@ -160,11 +209,30 @@ def download(
     return dest
 
 
+def _create_part_file(dest: Path) -> tuple[IO[bytes], Path]:
+    """Create a new, empty temporary file beside ``dest``; return it open and its path.
+
+    Same folder as ``dest``, so the final ``os.replace`` is a rename on one
+    file system: atomic, never a copy that could be seen half-written.
+    ``tempfile`` would create it with mode 0600, which the rename would
+    carry over to ``dest``; created with 0666 instead, the kernel applies
+    the umask as for any new file. ``O_EXCL`` makes sure the file is new.
+    """
+    while True:
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:  # another download picked the same name
+            continue
+        return os.fdopen(fd, "wb"), tmp
+
+
 def _stream(url: str, out: IO[bytes], label: str, progress: bool, timeout: float) -> str:
     """Copy the body of ``url`` into ``out``; return its hex SHA-256."""
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _opener().open(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             received = 0

@@ -32,6 +32,12 @@ import pandas as pd
 LOG_COLUMNS = ("user", "item", "category", "time", "order")
 ID_COLUMNS = ("user", "item", "category")
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+# Above 2**53 a float64 cannot hold every integer, so a float id there may
+# already have been rounded to a neighbour's value: refuse it.
+_FLOAT_EXACT = 2.0**53
+
 
 class DataFormatError(ValueError):
     """Input data that does not follow the documented format.
@@ -81,15 +87,48 @@ class BehaviourLog:
         }
 
 
+def _first_row(mask: np.ndarray) -> int:
+    """Position of the first ``True`` in ``mask``."""
+    return int(np.flatnonzero(mask)[0])
+
+
+def _check_int64(col: pd.Series, name: str, source: str) -> None:
+    """Refuse unsigned values that int64 cannot hold (the cast would wrap them).
+
+    ``col`` must be of an integer dtype without nulls.
+
+    Raises:
+        DataFormatError: naming the source, the column and the row.
+    """
+    if pd.api.types.is_unsigned_integer_dtype(col.dtype):
+        too_big = col.to_numpy(dtype=np.uint64) > np.uint64(_INT64_MAX)
+        if too_big.any():
+            row = _first_row(too_big)
+            raise DataFormatError(
+                f"{source}: column '{name}' holds {int(col.iloc[row])} at row {row}, "
+                "which does not fit in a 64-bit signed integer"
+            )
+
+
 def _normalise_ids(col: pd.Series, name: str, source: str) -> pd.Series:
     """Integer ids stay int64; anything else becomes str. Nulls are errors."""
     if col.isna().any():
         row = int(np.flatnonzero(col.isna().to_numpy())[0])
         raise DataFormatError(f"{source}: column '{name}' is empty at row {row}")
     if pd.api.types.is_integer_dtype(col.dtype):
+        _check_int64(col, name, source)
         return col.astype(np.int64)
     if pd.api.types.is_float_dtype(col.dtype):
-        values = col.to_numpy()
+        values = col.to_numpy(dtype=np.float64)
+        # Checked before the cast, which would turn inf into an error without
+        # a row and 1e19 into int64's minimum without any error at all.
+        inexact = ~np.isfinite(values) | (np.abs(values) > _FLOAT_EXACT)
+        if inexact.any():
+            row = _first_row(inexact)
+            raise DataFormatError(
+                f"{source}: column '{name}' holds {values[row].item()!r} at row {row}; "
+                "float ids must be finite and at most 2**53 in size to be exact integers"
+            )
         if not np.all(values == np.round(values)):
             row = int(np.flatnonzero(values != np.round(values))[0])
             raise DataFormatError(
@@ -117,8 +156,12 @@ def validate_log(frame: pd.DataFrame, source: str, report: LoadReport | None = N
         sorted by (user, time, order), with a fresh RangeIndex.
 
     Raises:
-        DataFormatError: a column is missing, empty, or of the wrong type, or
-            one item is given two different categories.
+        DataFormatError: a column is missing, empty, or of the wrong type,
+            holds a value int64 cannot represent exactly (an unsigned value
+            above its maximum, a float id that is not finite or above
+            2**53), or one item is given two different categories. The
+            message names the column and the row (its position in
+            ``frame``).
     """
     report = report or LoadReport(source=source, rows_read=len(frame))
     missing = [c for c in LOG_COLUMNS if c not in frame.columns]
@@ -136,6 +179,11 @@ def validate_log(frame: pd.DataFrame, source: str, report: LoadReport | None = N
             raise DataFormatError(
                 f"{source}: column '{c}' must hold integers, found dtype {col.dtype}"
             )
+        # A nullable Int64 column can hold NA, which has no int64 value.
+        missing = col.isna().to_numpy()
+        if missing.any():
+            raise DataFormatError(f"{source}: column '{c}' is empty at row {_first_row(missing)}")
+        _check_int64(col, c, source)
         out[c] = col.to_numpy(dtype=np.int64)
 
     # One category per item: the sample builder looks categories up by item.

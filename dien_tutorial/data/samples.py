@@ -136,6 +136,7 @@ def sample_negatives(
     seed: int,
     stream: int,
     max_attempts: int = 32,
+    user_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw one item per key that the key's user never clicked.
 
@@ -150,6 +151,8 @@ def sample_negatives(
         stream: separates independent draws made from the same keys.
         max_attempts: random redraw rounds; draws still clicked after them
             pick among the user's unclicked pool items directly.
+        user_ids: raw id of each user code, so that an error names the user
+            as the data spells it; without it the message gives the code.
 
     Returns:
         int64 [N] item codes, none of them in its user's click set.
@@ -174,8 +177,14 @@ def sample_negatives(
     for i in todo:
         free = pool[~np.isin(row_user[i] * n_items + pool, clicked)]
         if len(free) == 0:
+            code = int(row_user[i])
+            if user_ids is None:
+                who = f"user code {code}"
+            else:
+                raw = user_ids[code]
+                who = f"user {raw.item() if isinstance(raw, np.generic) else raw!r}"
             raise ValueError(
-                f"user code {int(row_user[i])} clicked every item that can be a "
+                f"{who} clicked every item that can be a "
                 "negative, so no negative can be drawn for them"
             )
         out[i] = free[_draw(keys[i:i + 1], seed, stream, max_attempts, len(free))[0]]
@@ -287,7 +296,9 @@ def build_samples(
 
     Args:
         log: output of a loader (sorted by user, time, order; no repeated pairs).
-        max_len: keep at most this many most recent history steps.
+        max_len: keep at most this many most recent history steps. Any
+            value above the log's length works and means "no limit"; it is
+            stored as given in :attr:`DienSamples.max_len`.
         seed: seed of the negative sampling.
         max_attempts: redraw rounds of the negative sampler.
 
@@ -295,14 +306,20 @@ def build_samples(
         A :class:`DienSamples`.
 
     Raises:
-        ValueError: ``max_len`` < 1, or no user has three behaviours (so there
-            is no training target).
+        ValueError: ``max_len`` < 1, no user has three behaviours (so there
+            is no training target), or some user clicked every item that
+            can be a negative (the message names the source and the user).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     f = log.frame
     n_rows = len(f)
+    # No history is longer than the log, so a larger max_len changes nothing;
+    # capping it keeps the int64 arithmetic below from overflowing (a Python
+    # int of 2**63 or more cannot even be converted).
+    window = min(max_len, n_rows)
     user_code, user_ids = pd.factorize(f["user"], sort=True)
+    user_ids = user_ids.to_numpy()  # [U] raw id of each user code
     user_code = user_code.astype(np.int64)  # [R]
     item_code, item_ids = pd.factorize(f["item"], sort=True)
     item_code = item_code.astype(np.int64)  # [R]
@@ -316,7 +333,7 @@ def build_samples(
     # History = strictly earlier rows: everything before the first row of
     # this row's (user, time) run, at most max_len of them.
     tie_start = _run_starts(user_code, time)  # [R]
-    hist_start = np.maximum(user_start, tie_start - max_len)  # [R]
+    hist_start = np.maximum(user_start, tie_start - window)  # [R]
     hist_len = tie_start - hist_start  # [R]
 
     split = np.full(n_rows, -1, dtype=np.int8)  # -1 = not a target
@@ -358,18 +375,26 @@ def build_samples(
     pool = np.unique(item_code[train_rows])  # [P]
     n_items = len(item_ids)
     clicked = np.sort(user_code * n_items + item_code)  # [R]
-    user_hash = pd.util.hash_array(user_ids.to_numpy())[user_code]  # [R] uint64
+    user_hash = pd.util.hash_array(user_ids)[user_code]  # [R] uint64
     with np.errstate(over="ignore"):
         row_key = _mix64(user_hash ^ _mix64(pos.astype(np.uint64)))  # [R]
-    aux_neg = sample_negatives(row_key, user_code, clicked, pool, n_items, seed, 1, max_attempts)
+
+    def negatives(rows: np.ndarray | slice, stream: int) -> np.ndarray:
+        """sample_negatives for some rows, with errors naming the source."""
+        try:
+            return sample_negatives(row_key[rows], user_code[rows], clicked, pool, n_items,
+                                    seed, stream, max_attempts, user_ids=user_ids)
+        except ValueError as err:
+            raise ValueError(f"{log.report.source}: {err}") from None
+
+    aux_neg = negatives(slice(None), 1)
     beh_neg_item = vocab_of_item[aux_neg]  # [R]
     beh_neg_cate = cate_of_item[aux_neg]  # [R]
 
     splits: dict[str, SplitSamples] = {}
     for k, name in enumerate(SPLITS):
         rows = np.flatnonzero(split == k)  # [N/2]
-        neg = sample_negatives(row_key[rows], user_code[rows], clicked, pool, n_items, seed, 2,
-                               max_attempts)
+        neg = negatives(rows, 2)
         tgt_item = np.stack([beh_item[rows], vocab_of_item[neg]], axis=1).ravel()  # [N]
         tgt_cate = np.stack([beh_cate[rows], cate_of_item[neg]], axis=1).ravel()  # [N]
         label = np.tile(np.array([1.0, 0.0], dtype=np.float32), len(rows))  # [N]
@@ -386,7 +411,10 @@ def build_samples(
         if name != "train":
             # Ids first seen after training map to UNK: count them.
             counts[f"{name}_unknown_target_items"] = int((beh_item[rows] == UNK).sum())
-            win = _windows(hist_start[rows], hist_len[rows], max_len)
+            # As wide as the longest of these histories, not max_len: a
+            # max_len of 10**8 must not allocate rows x 10**8 integers.
+            win = _windows(hist_start[rows], hist_len[rows],
+                           int(hist_len[rows].max(initial=0)))
             counts[f"{name}_unknown_history_items"] = int(
                 ((beh_item[np.where(win >= 0, win, 0)] == UNK) & (win >= 0)).sum()
             )
@@ -402,7 +430,7 @@ def build_samples(
         beh_time=time,
         splits=splits,
         counts=counts,
-        user_ids=user_ids.to_numpy(),
+        user_ids=user_ids,
     )
 
 

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="model.pt written by train")
     export.add_argument("--out", required=True, help="path of the .onnx file to write")
     export.add_argument("--max-len", type=int, default=50,
-                        help="history length the model was trained with (checked at len-3, len, len+3)")
+                        help="history length the model was trained with (parity is checked at 3, len and len+3)")
     export.set_defaults(func=_cmd_export)
     return parser
 

@@ -36,6 +36,7 @@ from dien_tutorial.layers import (
     AuxLossResult,
     InterestEvolving,
     InterestExtractor,
+    PackedSteps,
 )
 
 MODEL_NAMES = ("dien", "din", "gru_att", "dien_no_aux")
@@ -225,28 +226,88 @@ class DIEN(nn.Module):
         """
         if (neg_hist_item is None) != (neg_hist_cate is None):
             raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
+        if torch.jit.is_tracing():
+            # ONNX export traces the padded version, which has no
+            # data-dependent loop lengths.
+            return self.forward_padded(item, cate, hist_item, hist_cate, length, neg_hist_item, neg_hist_cate)
+        steps = hist_item.shape[1]
+        mask = torch.arange(steps, device=length.device) < length.unsqueeze(1)  # [B, T]
+        # Only the valid steps are embedded and processed: P rows, not B * T.
+        packing = PackedSteps(mask)
+        with_aux = self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None
+        ids = [(item, cate), (packing.pack(hist_item), packing.pack(hist_cate))]
+        if with_aux:
+            ids.append((packing.pack(neg_hist_item), packing.pack(neg_hist_cate)))
+        # One lookup per table for all the ids of the batch: the backward of
+        # a lookup writes a gradient the size of the whole table.
+        embedded = self.embedding(torch.cat([i for i, _ in ids]), torch.cat([c for _, c in ids]))
+        target, history, *rest = embedded.split([len(i) for i, _ in ids])  # [B, E], [P, E], ([P, E])
+        negatives = rest[0] if with_aux else None
+
+        keys = self.extractor(history, packing) if self.extractor is not None else history  # [P, K]
+        attention = self.attention(target, keys, packing)  # [B, T]
+        if self.evolving is not None:
+            interest = self.evolving(keys, attention, packing)  # [B, H]
+        else:
+            interest = packing.sum_rows(packing.pack(attention).unsqueeze(-1) * keys)  # [B, K]
+
+        history_sum = packing.sum_rows(history)  # [B, E]
+        return self._finish(target, history_sum, interest, attention, keys, history, negatives, packing)
+
+    def forward_padded(
+        self,
+        item: Tensor,
+        cate: Tensor,
+        hist_item: Tensor,
+        hist_cate: Tensor,
+        length: Tensor,
+        neg_hist_item: Tensor | None = None,
+        neg_hist_cate: Tensor | None = None,
+    ) -> DIENOutput:
+        """:meth:`forward` on padded ``[B, T, ...]`` tensors: same arguments, same result.
+
+        The textbook form of the model, every history tensor ``[B, T, ...]``
+        with its mask. :meth:`forward` computes the same on the packed valid
+        steps (:class:`~dien_tutorial.layers.PackedSteps`), several times
+        faster when most of the ``B * T`` slots are padding. ONNX export
+        traces this version.
+        """
+        if (neg_hist_item is None) != (neg_hist_cate is None):
+            raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
         target = self.embedding(item, cate)  # [B, E]
         history, mask = self.embed_history(hist_item, hist_cate, length)  # [B, T, E], [B, T]
 
-        if self.extractor is not None:
-            keys = self.extractor(history, mask)  # [B, T, H]
-        else:
-            keys = history  # [B, T, E]
+        keys = self.extractor(history, mask) if self.extractor is not None else history  # [B, T, K]
         attention = self.attention(target, keys, mask)  # [B, T]
-
         if self.evolving is not None:
             interest = self.evolving(keys, attention, mask)  # [B, H]
         else:
             interest = (attention.unsqueeze(-1) * keys).sum(dim=1)  # [B, K]
 
         history_sum = history.sum(dim=1)  # [B, E]
+        negatives = None
+        if self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None:
+            negatives = self.embedding(neg_hist_item, neg_hist_cate)  # [B, T, E]
+        return self._finish(target, history_sum, interest, attention, keys, history, negatives, mask)
+
+    def _finish(
+        self,
+        target: Tensor,
+        history_sum: Tensor,
+        interest: Tensor,
+        attention: Tensor,
+        keys: Tensor,
+        history: Tensor,
+        negatives: Tensor | None,
+        steps: Tensor | PackedSteps,
+    ) -> DIENOutput:
+        """The head and the auxiliary loss, shared by both layouts."""
         features = torch.cat([target, history_sum, target * history_sum, interest], dim=-1)  # [B, D]
         logit = self.head(features)  # [B]
 
-        batch = item.shape[0]
-        if self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None:
-            negatives = self.embedding(neg_hist_item, neg_hist_cate)  # [B, T, E]
-            aux = self.aux(keys, history, negatives, mask)
+        batch = target.shape[0]
+        if self.aux is not None and negatives is not None:
+            aux = self.aux(keys, history, negatives, steps)
             aux_loss, aux_row_loss, aux_row_pairs = aux.loss, aux.row_loss, aux.row_pairs
         else:
             aux_loss = logit.new_zeros(())  # []

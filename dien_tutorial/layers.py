@@ -7,7 +7,7 @@ Read top to bottom, the module follows the model from the inside out:
 2. :func:`evolve_interest`: the loop of the interest evolving layer, shared
    by AUGRU, AGRU and AIGRU (TorchScript-compilable), then
    :class:`PackedSteps` and :func:`packed_gru`: the same loop over the valid
-   steps only, which is what training runs.
+   steps only, which is what training and evaluation run.
 3. :class:`InterestExtractor`: the first GRU, over the behaviour sequence.
 4. :func:`masked_softmax` and :class:`AttentionUnit`: how much each history
    step matters for the target item.
@@ -589,6 +589,9 @@ class InterestEvolving(nn.Module):
 
     Padded steps leave the state unchanged, so the returned interest is the
     state at each user's last valid step, and zero for an empty history.
+    The loop itself runs over the valid steps only (:func:`packed_gru`),
+    except while the model is traced for ONNX export, which needs the loop
+    over all ``T`` steps of :func:`evolve_interest`; the two agree.
 
     Args:
         hidden: ``H``; input and state have the same width, as in the paper.
@@ -624,23 +627,24 @@ class InterestEvolving(nn.Module):
                 # which the exporter compiles into one Loop node.
                 valid = mask.to(states.dtype)  # [B, T]
                 if self.kind == "aigru":
-                    inputs = states * attention.unsqueeze(-1)  # [B, T, H]
-                    scale = valid  # plain GRU on valid steps, frozen on padding
+                    padded_inputs = states * attention.unsqueeze(-1)  # [B, T, H]
+                    padded_scale = valid  # plain GRU on valid steps, frozen on padding
                 else:
-                    inputs = states
-                    scale = attention * valid  # [B, T]
-                input_proj = self.cell.input_projection(inputs)  # [B, T, 3H]
+                    padded_inputs = states
+                    padded_scale = attention * valid  # [B, T]
+                input_proj = self.cell.input_projection(padded_inputs)  # [B, T, 3H]
                 return evolve_interest(
-                    input_proj, scale, self.cell.weight_hh, self.cell.bias_hh, h0, use_update_gate
+                    input_proj, padded_scale, self.cell.weight_hh, self.cell.bias_hh, h0, use_update_gate
                 )  # [B, H]
             steps = PackedSteps(mask)
             states = steps.pack(states)  # [P, H]
         # The recurrence of evolve_interest over the valid steps only: the
         # padded steps, which it freezes with s = 0, are skipped.
-        scale: Tensor | None = steps.pack(attention)  # [P]
-        inputs = states
+        weights = steps.pack(attention)  # [P]
         if self.kind == "aigru":
-            inputs, scale = states * scale.unsqueeze(-1), None  # plain GRU on scaled inputs
+            inputs, scale = states * weights.unsqueeze(-1), None  # plain GRU on scaled inputs
+        else:
+            inputs, scale = states, weights
         _, final = packed_gru(
             self.cell.input_projection(inputs),  # [P, 3H]
             steps.sizes,
@@ -667,7 +671,8 @@ class AuxLossResult(NamedTuple):
         row_pairs: ``[B]`` int64, each user's number of pairs,
             ``max(length - 1, 0)``.
         pairs: with ``return_pairs=True``, ``(states [P', H], positives
-            [P', E], negatives [P', E])`` in the order of :meth:`AuxiliaryLoss.forward`; else None.
+            [P', E], negatives [P', E])``, ordered as
+            :meth:`AuxiliaryLoss.forward` says; else None.
     """
 
     loss: Tensor

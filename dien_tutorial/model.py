@@ -14,6 +14,9 @@ Shape legend:
 - ``K``: width of the attention keys: ``H`` when a GRU extractor runs,
   ``E`` for DIN.
 - ``D``: width of the prediction head's input, ``3E + K``.
+- ``P``: number of valid history steps in the batch; :meth:`DIEN.forward`
+  works on these only, packed (:class:`~dien_tutorial.layers.PackedSteps`),
+  and :meth:`DIEN.forward_padded` computes the same on ``[B, T, ...]``.
 
 Inputs follow the data pipeline's batch contract: int64 ids with 0 =
 padding, 1 = unknown, real ids from 2; histories right-padded to ``T``.
@@ -211,6 +214,10 @@ class DIEN(nn.Module):
         The auxiliary loss is computed whenever ``config.use_aux`` is set and
         the negatives are given, in training and in eval mode alike (it is a
         useful validation number); pass no negatives to skip it.
+
+        Only the valid history steps are embedded and processed, packed once
+        here and handed packed to every layer; :meth:`forward_padded` is the
+        same computation on padded tensors, easier to read and slower.
 
         Args:
             item: target item ids ``[B]``.

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 
-# page -> minimum number of figures it must show
-PAGES = {
+# page -> minimum number of figures it must show (pages in _toc.yml are checked)
+MIN_FIGURES = {
     "book/intro.html": 0,
     "book/data.html": 0,
     "notebooks/01_data_preparation.html": 1,
@@ -58,6 +58,16 @@ class _Images(HTMLParser):
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.srcs.append(dict(attrs).get("src", ""))
+
+
+def toc_pages() -> list[str]:
+    """Every page listed in ``_toc.yml`` (root included), as built HTML paths."""
+    names = []
+    for line in (ROOT / "_toc.yml").read_text().splitlines():
+        m = re.match(r"\s*(?:-\s*)?(?:file|root):\s*(\S+)", line)
+        if m:
+            names.append(m.group(1) + ".html")
+    return names
 
 
 def chromium() -> str:
@@ -130,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     browser = chromium()
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="check_book_") as profile:
-        for name, min_figures in PAGES.items():
+        pages = toc_pages()
+        for name in pages:
+            min_figures = MIN_FIGURES.get(name, 0)
             page = HTML / name
             if not page.is_file():
                 problems.append(f"{name}: page was not built")
@@ -141,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.screenshots is not None:
                 args.screenshots.mkdir(parents=True, exist_ok=True)
                 screenshot(browser, page, args.screenshots / (page.stem + ".png"), profile)
+    if TRAINING_PAGE not in pages:
+        problems.append(f"{TRAINING_PAGE}: the training chapter is not in _toc.yml")
     for p in problems:
         print(f"  {p}", file=sys.stderr)
-    print(f"{len(PAGES) - len({p.split(':')[0] for p in problems})} pages ok, "
+    print(f"{len(pages) - len({p.split(':')[0] for p in problems})} pages ok, "
           f"{len({p.split(':')[0] for p in problems})} with problems")
     return 1 if problems else 0
 

@@ -68,7 +68,7 @@ class GRUCell(nn.Module):
         h' = (1 - z) * n + z * h
 
     Gate convention: in PyTorch, ``z`` is the KEEP gate (``z = 1`` keeps the
-    old state). The DIEN paper, like Cho et al. (2014), calls its update gate
+    old state), as in Cho et al. (2014). The DIEN paper calls its update gate
     ``u`` and uses it as the WRITE gate: ``h' = (1 - u) * h + u * n``. The
     two describe the same cell with ``u = 1 - z``. Everything in this
     package that follows the paper (AUGRU, AGRU) is written with ``u``.

@@ -78,3 +78,25 @@ def test_notebook_02_padded_batch_last_states() -> None:
     assert glued_float(GRU_NOTEBOOK, "masked_last_state_max_diff") <= 1e-6
     # The naive answer must really be wrong, or the notebook shows nothing.
     assert glued_float(GRU_NOTEBOOK, "padded_last_column_max_error") > 1e-3
+
+
+# Chapters 3 and 4: an AUGRU cell on a hand-written GRU step, compared with
+# layers.InterestEvolving and layers.evolve_interest; the auxiliary loss
+# written pair by pair, compared with layers.AuxiliaryLoss and
+# DIEN.auxiliary_loss.
+
+
+def test_notebook_03_hand_written_augru_equals_the_package() -> None:
+    """Hand-written AUGRU == InterestEvolving("augru") == evolve_interest."""
+    assert glued_float("03_attention_and_augru.ipynb", "augru_vs_package_max_diff") <= 1e-6
+    # The masked softmax the notebook shows gives padding no weight ...
+    assert glued_float("03_attention_and_augru.ipynb", "att_on_padding") == 0.0
+    # ... while the naive softmax it warns about really does.
+    assert glued_float("03_attention_and_augru.ipynb", "naive_padding_share") > 0.1
+
+
+def test_notebook_04_hand_written_aux_loss_equals_the_package() -> None:
+    """Hand-written auxiliary loss == AuxiliaryLoss == DIEN.auxiliary_loss."""
+    assert glued_float("04_auxiliary_loss.ipynb", "aux_vs_package_max_diff") <= 1e-6
+    # Lengths [0, 1, 2, 5] give sum(max(L - 1, 0)) = 5 pairs.
+    assert glued_float("04_auxiliary_loss.ipynb", "small_batch_pairs") == 5

@@ -151,6 +151,23 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line number, text)`` for every non-blank line of ``path``.
+
+    Lines are read as bytes and decoded one at a time, so a bad encoding is
+    reported with its line; damaged archives are reported by :func:`_reading`.
+    """
+    _require_file(path)
+    with _reading(path), _open_binary(path) as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
+
+
 def _require_file(path: Path) -> None:
     """Fail early, naming ``path``, when it is a folder or does not exist.
 
@@ -360,49 +377,42 @@ def _read_reviews(path: Path) -> pd.DataFrame:
     items: list[str] = []
     times: list[int] = []
     orders: list[int] = []
-    _require_file(path)
-    # Bytes, decoded per line, so a bad encoding is reported with its line.
-    with _reading(path), _open_binary(path) as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
-            except json.JSONDecodeError as err:
-                raise DataFormatError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from None
-            except RecursionError:
-                # json's parser recurses once per [ or {; thousands of them
-                # exhaust the stack long before the line ends.
-                raise DataFormatError(
-                    f"{path}:{lineno}: malformed JSON (nested too deeply)"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}"
-                )
-            for name in ("reviewerID", "asin"):
-                value = record.get(name)
-                if not isinstance(value, str) or not value:
-                    what = "missing" if name not in record else f"not a non-empty string: {value!r}"
-                    raise DataFormatError(f"{path}:{lineno}: field '{name}' is {what}")
-            stamp = record.get("unixReviewTime")
-            # bool is a subclass of int; a true/false timestamp is a mistake.
-            if not isinstance(stamp, int) or isinstance(stamp, bool):
-                what = "missing" if "unixReviewTime" not in record else f"not an integer: {stamp!r}"
-                raise DataFormatError(f"{path}:{lineno}: field 'unixReviewTime' is {what}")
-            if not _INT64_MIN <= stamp <= _INT64_MAX:
-                raise DataFormatError(
-                    f"{path}:{lineno}: field 'unixReviewTime' is out of range: "
-                    f"{stamp} does not fit in a 64-bit integer"
-                )
-            users.append(record["reviewerID"])
-            items.append(record["asin"])
-            times.append(stamp)
-            orders.append(lineno)
+    for lineno, line in _text_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+            ) from None
+        except RecursionError:
+            # json's parser recurses once per [ or {; thousands of them
+            # exhaust the stack long before the line ends.
+            raise DataFormatError(
+                f"{path}:{lineno}: malformed JSON (nested too deeply)"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataFormatError(
+                f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}"
+            )
+        for name in ("reviewerID", "asin"):
+            value = record.get(name)
+            if not isinstance(value, str) or not value:
+                what = "missing" if name not in record else f"not a non-empty string: {value!r}"
+                raise DataFormatError(f"{path}:{lineno}: field '{name}' is {what}")
+        stamp = record.get("unixReviewTime")
+        # bool is a subclass of int; a true/false timestamp is a mistake.
+        if not isinstance(stamp, int) or isinstance(stamp, bool):
+            what = "missing" if "unixReviewTime" not in record else f"not an integer: {stamp!r}"
+            raise DataFormatError(f"{path}:{lineno}: field 'unixReviewTime' is {what}")
+        if not _INT64_MIN <= stamp <= _INT64_MAX:
+            raise DataFormatError(
+                f"{path}:{lineno}: field 'unixReviewTime' is out of range: "
+                f"{stamp} does not fit in a 64-bit integer"
+            )
+        users.append(record["reviewerID"])
+        items.append(record["asin"])
+        times.append(stamp)
+        orders.append(lineno)
     if not users:
         raise DataFormatError(f"{path}: the file is empty (no reviews)")
     return pd.DataFrame(
@@ -485,28 +495,20 @@ def _read_meta(path: Path, report: LoadReport) -> dict[str, str | None]:
     """
     categories: dict[str, str | None] = {}
     repeated = 0
-    _require_file(path)
-    with _reading(path), _open_binary(path) as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
-            record = _parse_literal(line, path, lineno)
-            if not isinstance(record, dict):
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected a dict, found {type(record).__name__}"
-                )
-            asin = record.get("asin")
-            if not isinstance(asin, str) or not asin:
-                what = "missing" if "asin" not in record else f"not a non-empty string: {asin!r}"
-                raise DataFormatError(f"{path}:{lineno}: field 'asin' is {what}")
-            if asin in categories:
-                repeated += 1  # the first entry wins; counted below
-                continue
-            categories[asin] = _category_of(record, path, lineno)
+    for lineno, line in _text_lines(path):
+        record = _parse_literal(line, path, lineno)
+        if not isinstance(record, dict):
+            raise DataFormatError(
+                f"{path}:{lineno}: expected a dict, found {type(record).__name__}"
+            )
+        asin = record.get("asin")
+        if not isinstance(asin, str) or not asin:
+            what = "missing" if "asin" not in record else f"not a non-empty string: {asin!r}"
+            raise DataFormatError(f"{path}:{lineno}: field 'asin' is {what}")
+        if asin in categories:
+            repeated += 1  # the first entry wins; counted below
+            continue
+        categories[asin] = _category_of(record, path, lineno)
     if not categories:
         raise DataFormatError(f"{path}: the file is empty (no products)")
     if repeated:

@@ -259,8 +259,12 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch,
     """
     out = model(**model_inputs(batch, alpha > 0))
     main = F.binary_cross_entropy_with_logits(out.logit, batch.label)
-    aux = out.aux_loss if alpha > 0 else torch.zeros(())
-    loss = main + alpha * aux
+    if alpha > 0:
+        aux = out.aux_loss
+        loss = main + alpha * aux
+    else:  # main + 0 * 0 is main: skip the two operations and their backward
+        aux = torch.zeros(())
+        loss = main
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm:

@@ -54,6 +54,22 @@ computes in float32 still passes, since results are compared to within
 generators and leaves the global random states of ``torch``, ``numpy``
 and ``random`` as it found them, so adding a check cell to a notebook
 changes no other number in it. Each check takes well under a second.
+
+When a check fails, a notebook can still go on: ::
+
+    report = check_gru_cell(gru_step)
+    print(report)
+    gru_step = passed_or_reference(report, gru_step, reference_gru_step)
+
+:func:`passed_or_reference` gives back your function if the check passed.
+Otherwise it prints a note and gives back the package's version of the
+part (``reference_history_windows``, ``reference_sample_negatives``,
+``reference_gru_step``, ``reference_masked_softmax``,
+``reference_augru_step``, ``reference_aux_loss``), so that the cells
+below still run. The student edition of the notebooks
+(``python -m dien_tutorial assignments build``) relies on this: it runs
+top to bottom before anything is filled in. Checking that stand-in again
+gives a FAILED report that says so, never a PASSED one.
 """
 
 from __future__ import annotations
@@ -72,8 +88,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dien_tutorial.data.samples import FIRST_ID, PAD, UNK
-from dien_tutorial.layers import GRUCell
+from dien_tutorial.data.samples import FIRST_ID, PAD, UNK, _run_starts
+from dien_tutorial.layers import GRUCell, masked_softmax
 
 __all__ = [
     "CheckFailed",
@@ -84,6 +100,13 @@ __all__ = [
     "check_history_windows",
     "check_masked_softmax",
     "check_negative_sampler",
+    "passed_or_reference",
+    "reference_augru_step",
+    "reference_aux_loss",
+    "reference_gru_step",
+    "reference_history_windows",
+    "reference_masked_softmax",
+    "reference_sample_negatives",
 ]
 
 ATOL = 1e-6  # absolute tolerance of every float64 comparison
@@ -215,6 +238,12 @@ def _run(name: str, fn: Callable[..., Any], properties: list[Property], raise_on
     """Check ``properties`` in order; stop at the first that fails."""
     if not callable(fn):
         raise TypeError(f"{name} takes your function, got a {type(fn).__name__}")
+    replaced = getattr(fn, _STAND_IN, None)
+    if replaced is not None:  # passed_or_reference put the package's version in place of the student's
+        report = CheckReport(name, False, [], _stand_in_text(fn, replaced), "the function checked is yours")
+        if raise_on_fail:
+            report.raise_if_failed()
+        return report
     student = _Student(fn)
     verified: list[str] = []
     report = None
@@ -1513,3 +1542,129 @@ def check_history_windows(history_windows: Callable[..., Any], raise_on_fail: bo
         ("leaves frame unchanged", frame_unchanged),
     ]
     return _run("check_history_windows", history_windows, properties, raise_on_fail)
+
+
+# ---------------------------------------------------------------------- #
+# The package's versions, and going on when a check fails
+# ---------------------------------------------------------------------- #
+def reference_history_windows(frame: pd.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The package's history windows, those of ``build_samples`` (chapter 1).
+
+    Same contract as :func:`check_history_windows` asks of yours: ``frame``
+    sorted by (user, time, order); returns int64 ``(start, end)``, each
+    ``[n]``, row ``i``'s history being rows ``start[i] .. end[i] - 1``.
+    """
+    if len(frame) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy()
+    user = pd.factorize(frame["user"])[0]  # [n], one code per user; rows are sorted by user
+    first_of_user = _run_starts(user)  # [n]
+    first_of_day = _run_starts(user, frame["time"].to_numpy())  # [n]: a history ends before the day
+    return np.maximum(first_of_user, first_of_day - max_len), first_of_day
+
+
+def reference_sample_negatives(positives: np.ndarray, n_items: int, rng: np.random.Generator) -> np.ndarray:
+    """One negative per positive, as :func:`check_negative_sampler` asks (chapter 1).
+
+    Draws uniformly among the ``n_items - 3`` real items other than the
+    positive (codes ``2 .. n_items - 1``), with ``rng`` only: a draw at or
+    above the positive steps over it.
+
+    Raises:
+        ValueError: fewer than two real items, or a positive that is not a
+            real item code.
+    """
+    positives = np.asarray(positives)
+    if n_items < FIRST_ID + 2:
+        raise ValueError(f"n_items = {n_items}: drawing a negative other than the positive needs at least two "
+                         f"real items (codes {FIRST_ID} and {FIRST_ID + 1})")
+    outside = (positives < FIRST_ID) | (positives >= n_items)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"positives[{i}] = {positives[i]} is not a real item code "
+                         f"({FIRST_ID} .. {n_items - 1})")
+    draws = rng.integers(FIRST_ID, n_items - 1, size=len(positives))  # [N], n_items - 3 choices
+    return draws + (draws >= positives)  # step over the positive
+
+
+def reference_gru_step(x: Tensor, h: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                       bias_hh: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """One GRU step in PyTorch's convention (chapter 2): ``(h_new, (r, z, n))``.
+
+    ``x [B, I]``, ``h [B, H]``, weights with rows in the order r, z, n;
+    returns ``h_new [B, H]`` and the reset gate, keep gate and candidate,
+    each ``[B, H]``, like the step written in chapter 2.
+    """
+    weights = {"weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih, "bias_hh": bias_hh}
+    r, z, n = _gru_parts(x, h, weights)
+    return (1 - z) * n + z * h, (r, z, n)
+
+
+def reference_masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the valid steps of each row (chapter 3): :func:`dien_tutorial.layers.masked_softmax`."""
+    return masked_softmax(scores, mask)
+
+
+def reference_augru_step(x: Tensor, h: Tensor, a: Tensor, cell: nn.Module) -> Tensor:
+    """One AUGRU step in the paper's convention (chapter 3), as :func:`check_augru_cell` asks."""
+    return _augru_reference(x, h, a, cell)
+
+
+def reference_aux_loss(states: Tensor, clicked: Tensor, negatives: Tensor, lengths: Tensor, W: Tensor) -> Tensor:
+    """The auxiliary loss (chapter 4), as :func:`check_aux_loss` asks: the mean over the real pairs."""
+    return _aux_reference(states, clicked, negatives, lengths, W)[0]
+
+
+_STAND_IN = "dien_tutorial_stands_in_for"  # attribute of a stand-in: the name of the function it replaced
+
+
+def _stand_in_text(fn: Callable[..., Any], replaced: str) -> str:
+    return (f"the function checked is not yours: it is the package's {fn.__name__}, which passed_or_reference "
+            f"put in place of your {replaced} because your version had not passed yet. Run the cell that "
+            f"defines your {replaced} again, then this check.")
+
+
+def passed_or_reference(report: CheckReport, yours: Callable[..., Any],
+                        reference: Callable[..., Any]) -> Callable[..., Any]:
+    """Your function if its check passed; otherwise the package's version, with a note.
+
+    Use it right after a check, so that the rest of a notebook runs even
+    while your function is unfinished::
+
+        report = check_gru_cell(gru_step)
+        print(report)
+        gru_step = passed_or_reference(report, gru_step, reference_gru_step)
+
+    If the check failed, this prints which function is replaced and by
+    what, and returns a stand-in that calls ``reference``. Checking the
+    stand-in gives a FAILED report saying that it is not your function, so
+    running the check cell again without your own cell first cannot pass.
+
+    Args:
+        report: what the check returned for ``yours``.
+        yours: your function.
+        reference: the package's version, e.g. :func:`reference_gru_step`.
+
+    Returns:
+        ``yours`` if ``report.passed``, else the stand-in.
+    """
+    if not isinstance(report, CheckReport):
+        raise TypeError(f"passed_or_reference takes the report of a check first, got a {type(report).__name__}")
+    if not callable(yours) or not callable(reference):
+        bad = "yours" if not callable(yours) else "reference"
+        raise TypeError(f"passed_or_reference: {bad} must be a function")
+    if report.passed:
+        return yours
+    name = getattr(yours, _STAND_IN, None) or getattr(yours, "__name__", "your function")
+    ref_name = getattr(reference, "__name__", "the reference")
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        return reference(*args, **kwargs)
+
+    stand_in.__name__ = stand_in.__qualname__ = ref_name
+    stand_in.__doc__ = reference.__doc__
+    setattr(stand_in, _STAND_IN, name)
+    print(textwrap.fill(f"Note: your {name} has not passed {report.name} yet, so from here on {name} is the "
+                        f"package's version, {ref_name}, and the cells below run with it. Fix {name}, run its "
+                        "cell, then run this cell again.", width=100))
+    return stand_in

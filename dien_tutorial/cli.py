@@ -5,6 +5,7 @@ Commands:
     train    train one model and write DIR/metrics.json and DIR/model.pt.
     compare  train DIEN and its three baselines on one split, several seeds.
     export   export a checkpoint to ONNX and check it against PyTorch.
+    assignments  write the student edition of the notebooks, or run notebooks and report their checks.
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-len", type=int, default=50,
                         help="history length the model was trained with (parity is checked at 3, len and len+3)")
     export.set_defaults(func=_cmd_export)
+
+    from dien_tutorial.assignments import add_subcommand
+
+    add_subcommand(sub)  # assignments build / assignments check
     return parser
 
 

@@ -226,6 +226,13 @@ REFERENCES = [
     (check_negative_sampler, package_sampler, 8),
     (check_history_windows, notebook_history_windows, 9),
     (check_history_windows, package_history_windows, 9),
+    # The package's versions that passed_or_reference puts in place of a failing function.
+    (check_history_windows, checks.reference_history_windows, 9),
+    (check_negative_sampler, checks.reference_sample_negatives, 8),
+    (check_gru_cell, checks.reference_gru_step, 6),
+    (check_masked_softmax, checks.reference_masked_softmax, 9),
+    (check_augru_cell, checks.reference_augru_step, 8),
+    (check_aux_loss, checks.reference_aux_loss, 8),
 ]
 CHECKS = [check_gru_cell, check_masked_softmax, check_augru_cell, check_aux_loss, check_negative_sampler,
           check_history_windows]
@@ -533,3 +540,71 @@ def test_history_reference_on_the_hand_made_frame():
         [],  # bob
         [], [6], [6, 7], [6, 7], [6, 7], [8, 9, 10], [9, 10, 11], [10, 11, 12],  # cy
     ]
+
+
+# ---------------------------------------------------------------------- #
+# The package's versions, and going on after a failed check
+# ---------------------------------------------------------------------- #
+def test_passed_or_reference_keeps_a_function_that_passed(capsys):
+    report = check_gru_cell(notebook_gru_step)
+    assert checks.passed_or_reference(report, notebook_gru_step, checks.reference_gru_step) is notebook_gru_step
+    assert capsys.readouterr().out == ""
+
+
+def test_passed_or_reference_puts_the_reference_in_place_of_a_failing_function(capsys):
+    report = check_gru_cell(m.gru_step_r_z_swapped)
+    stand_in = checks.passed_or_reference(report, m.gru_step_r_z_swapped, checks.reference_gru_step)
+    note = " ".join(capsys.readouterr().out.split())
+    assert note == ("Note: your gru_step_r_z_swapped has not passed check_gru_cell yet, so from here on "
+                    "gru_step_r_z_swapped is the package's version, reference_gru_step, and the cells below run "
+                    "with it. Fix gru_step_r_z_swapped, run its cell, then run this cell again.")
+    case = checks._gru_inputs(5, 2, 3, 4)
+    h_new, (r, z, n) = stand_in(*case.values())
+    cell = checks._torch_cell(case)
+    assert torch.allclose(h_new, cell(case["x"], case["h"]), atol=1e-12, rtol=0)
+    assert torch.equal(h_new, (1 - z) * n + z * case["h"])
+    assert stand_in.__name__ == "reference_gru_step"
+
+
+def test_checking_the_stand_in_fails_and_says_why():
+    """Running the check cell again without the student's own cell must not pass on the reference."""
+    stand_in = checks.passed_or_reference(check_aux_loss(m.stub), m.stub, checks.reference_aux_loss)
+    report = check_aux_loss(stand_in)
+    assert not report.passed and report.verified == []
+    assert report.failed_property == "the function checked is yours"
+    assert str(report) == ("FAILED check_aux_loss: the function checked is not yours: it is the package's "
+                           "reference_aux_loss, which passed_or_reference put in place of your stub because your "
+                           "version had not passed yet. Run the cell that defines your stub again, then this "
+                           "check.")
+    with pytest.raises(CheckFailed, match="not yours"):
+        check_aux_loss(stand_in, raise_on_fail=True)
+    again = checks.passed_or_reference(report, stand_in, checks.reference_aux_loss)  # the cell run twice
+    assert "the function checked is not yours" in str(check_aux_loss(again))
+    assert "your stub" in str(check_aux_loss(again))
+
+
+def test_passed_or_reference_rejects_misuse():
+    report = check_masked_softmax(masked_softmax)
+    with pytest.raises(TypeError, match="takes the report of a check first"):
+        checks.passed_or_reference(masked_softmax, masked_softmax, checks.reference_masked_softmax)
+    with pytest.raises(TypeError, match="reference must be a function"):
+        checks.passed_or_reference(report, masked_softmax, None)
+
+
+def test_reference_history_windows_equals_the_brute_force_windows():
+    log = simulate(SimulationConfig.tiny()).log
+    start, end = checks.reference_history_windows(log.frame, 4)
+    assert start.dtype == end.dtype == np.int64
+    assert [list(range(a, b)) for a, b in zip(start, end)] == checks._expected_rows(log.frame, 4)
+    empty_start, empty_end = checks.reference_history_windows(log.frame.iloc[:0], 4)
+    assert empty_start.shape == empty_end.shape == (0,)
+
+
+def test_reference_sampler_refuses_what_it_cannot_draw_from():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="n_items = 3: drawing a negative other than the positive needs at least two"):
+        checks.reference_sample_negatives(np.array([2]), 3, rng)
+    with pytest.raises(ValueError, match=r"positives\[1\] = 1 is not a real item code \(2 .. 9\)"):
+        checks.reference_sample_negatives(np.array([2, 1]), 10, rng)
+    neg = checks.reference_sample_negatives(np.array([2, 3, 9]), 10, np.random.default_rng(4))
+    assert neg.shape == (3,) and ((neg >= 2) & (neg < 10) & (neg != [2, 3, 9])).all()

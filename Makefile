@@ -28,9 +28,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests notebooks \
 	    --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
+# Every benchmark in one run (~15 min on 2 cores): tables, JSON and plots in
+# benchmarks/results/. `make bench BENCH_ARGS=--quick` is a smoke test of a
+# few minutes that writes to a temporary folder instead.
 bench: $(STAMP)
 	bash benchmarks/setup_bench_env.sh
-	$(BIN)/python benchmarks/bench_samples.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf _build .pytest_cache

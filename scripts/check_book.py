@@ -43,6 +43,9 @@ MIN_FIGURES = {
     "notebooks/06_what_the_model_learned.html": 1,
     "notebooks/07_onnx_export.html": 0,
     "notebooks/08_real_amazon_reviews.html": 1,
+    "book/performance.html": 5,
+    "book/scale_out.html": 0,
+    "book/teaching.html": 0,
     "book/appendix.html": 0,
 }
 MATH_PAGES = {"book/intro.html", "notebooks/02_gru_from_scratch.html",

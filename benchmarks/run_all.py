@@ -53,11 +53,17 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/run_all.py --quick --out /tmp/bench   # smoke test, a few minutes
     .venv/bin/python benchmarks/run_all.py --only training,onnx       # some sections
     .venv/bin/python benchmarks/run_all.py --render benchmarks/results   # tables and plots again
+    .venv/bin/python benchmarks/run_all.py --render benchmarks/results --out /tmp/r   # ... elsewhere
+
+Bad arguments (an ``--out`` that is a file, an ``--only`` that selects no
+section) stop the run before anything is measured; ``--render`` of a
+summary.json with missing or malformed fields writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -796,36 +802,135 @@ def plot_samples(sec: dict, path: Path, quick: bool) -> None:
 # ---------------------------------------------------------------------------
 
 
-def main() -> None:
+OUTPUT_FILES = ("summary.json", "summary.md", "machine.md")  # plus figures/*.png
+
+# The fields of summary.json that --render reads, and their JSON types.
+REPORT_FIELDS = {"quick": bool, "date_utc": str, "machine": dict, "settings": dict, "sections": dict,
+                 "errors": dict, "data": dict, "frameworks": dict, "load_average_start": list,
+                 "load_average_end": list, "wall_seconds": (int, float)}
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the results cannot be written into ``out``, or None if they can.
+
+    ``out`` must be a folder, or a path where one can be created; inside it
+    ``figures`` must be (or become) a folder and the three output files
+    must not be folders. Nothing is created here.
+    """
+    if out.exists():
+        if not out.is_dir():
+            return f"--out {out} is a file, not a folder"
+        for name in OUTPUT_FILES:
+            if (out / name).is_dir():
+                return f"{out / name} is a folder; the run writes a file of that name"
+        if (out / "figures").exists() and not (out / "figures").is_dir():
+            return f"{out / 'figures'} is a file; the run writes its plots into a folder of that name"
+        if not os.access(out, os.W_OK | os.X_OK):
+            return f"--out {out} is not writable"
+        return None
+    parent = out.parent
+    while not parent.exists():  # the nearest existing folder above, where out would be created
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {out} cannot be created: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out} cannot be created: {parent} is not writable"
+    return None
+
+
+def load_report(source: Path) -> dict:
+    """Read a summary.json written by a run, checking the fields ``--render`` needs.
+
+    Raises:
+        ValueError: unreadable JSON, or a field missing or of the wrong type (named).
+    """
+    try:
+        report = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: cannot read it ({err})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from err
+    if not isinstance(report, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(report).__name__}")
+    for name, kind in REPORT_FIELDS.items():
+        if name not in report:
+            raise ValueError(f"{source}: the field {name!r} is missing; summary.json comes from a run of "
+                             "run_all.py")
+        if not isinstance(report[name], kind) or (kind is not bool and isinstance(report[name], bool)):
+            raise ValueError(f"{source}: the field {name!r} has the wrong type ({type(report[name]).__name__})")
+    for name in ("ours", "rechub", "deepctr"):
+        if not isinstance(report["frameworks"].get(name), dict):
+            raise ValueError(f"{source}: the field 'frameworks' lacks the framework {name!r}")
+    if not isinstance(report["data"].get("source"), str):
+        raise ValueError(f"{source}: the field 'data' lacks its 'source'")
+    unknown = sorted(set(report["sections"]) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {unknown} under 'sections'")
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything is measured (usage errors exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few steps and small logs: a smoke test of a few minutes")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default benchmarks/results for a full run of every section; "
-                             "with --quick or --only, a folder under the system's temporary directory)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
+                             "with --quick or --only, a folder under the system's temporary directory; "
+                             "with --render, DIR itself)")
+    parser.add_argument("--only", default=None,
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--render", type=Path, metavar="DIR",
-                        help="measure nothing: rewrite the tables and plots of DIR from its summary.json")
-    args = parser.parse_args()
-    if args.render:
+                        help="measure nothing: write the tables and plots again from DIR/summary.json, "
+                             "into DIR (or --out)")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        if args.quick or args.only is not None:
+            parser.error("--render measures nothing: --quick and --only do not apply to it")
         source = args.render / "summary.json"
         if not source.is_file():
             parser.error(f"{source} does not exist")
-        report = json.loads(source.read_text())
-        write_outputs(report, report["settings"], args.render)
-        return
-    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    partial = args.quick or set(wanted) != set(SECTIONS)
-    out = args.out or (Path(tempfile.gettempdir()) / "dien_bench_partial" if partial else DEFAULT_OUT)
+        args.out = args.out or args.render
+        args.wanted = []
+    else:
+        text = ",".join(SECTIONS) if args.only is None else args.only
+        args.wanted = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+        if not args.wanted:
+            parser.error(f"--only {args.only!r} selects no section; choose from {', '.join(SECTIONS)}")
+        unknown = sorted(set(args.wanted) - set(SECTIONS))
+        if unknown:
+            parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        partial = args.quick or set(args.wanted) != set(SECTIONS)
+        args.out = args.out or (Path(tempfile.gettempdir()) / "dien_bench_partial" if partial else DEFAULT_OUT)
+    problem = out_problem(args.out)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render is not None:
+        source = args.render / "summary.json"
+        try:
+            report = load_report(source)
+        except ValueError as err:
+            print(f"error: {err}; nothing was written", file=sys.stderr)
+            return 2
+        try:
+            files = render_outputs(report, report["settings"])
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            print(f"error: {source}: cannot render the tables, a field is missing or malformed "
+                  f"({type(err).__name__}: {err}); nothing was written", file=sys.stderr)
+            return 2
+        write_files(report, files, args.out)
+        return 0
+    wanted, out = args.wanted, args.out
     plan = QUICK if args.quick else FULL
 
     wall = time.perf_counter()
     report: dict = {
         "benchmark": "DIEN performance: training, inference, ONNX, history length, threads, sample building",
-        "command": "benchmarks/run_all.py " + " ".join(sys.argv[1:]),
+        "command": "benchmarks/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick, "sections_run": wanted,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_start": list(os.getloadavg()),
@@ -903,13 +1008,38 @@ def main() -> None:
     report["load_average_end"] = list(os.getloadavg())
     report["wall_seconds"] = time.perf_counter() - wall
     write_outputs(report, plan, out)
+    return 0
 
 
 def write_outputs(report: dict, plan: dict, out: Path) -> None:
-    """summary.json, summary.md, machine.md and the figures."""
-    out.mkdir(parents=True, exist_ok=True)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
+    """summary.json, summary.md, machine.md and the figures of a run that measured.
+
+    If the tables cannot be made, summary.json (the measurements) is still
+    written before the error propagates.
+    """
+    try:
+        files = render_outputs(report, plan)
+    except Exception:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        raise
+    write_files(report, files, out)
+
+
+def _png(draw) -> bytes:
+    """What ``draw(file)`` saves, as PNG bytes."""
+    buffer = io.BytesIO()
+    draw(buffer)
+    return buffer.getvalue()
+
+
+def render_outputs(report: dict, plan: dict) -> dict[str, bytes]:
+    """Every output file, in memory: ``{path relative to the output folder: bytes}``.
+
+    Nothing is written, so a report that cannot be rendered leaves the
+    folder as it was. summary.json comes last, after any plot failure has
+    been recorded in ``report["errors"]``.
+    """
     sec, data, quick = report["sections"], report["data"], report["quick"]
     blocks = []
     makers = {
@@ -920,38 +1050,47 @@ def write_outputs(report: dict, plan: dict, out: Path) -> None:
         "threads": (lambda s: table_threads(s, plan), lambda s, p: plot_threads(s, p, quick)),
         "samples": (lambda s: table_samples(s, plan), lambda s, p: plot_samples(s, p, quick)),
     }
-    written = []
+    figures: dict[str, bytes] = {}
     for name in SECTIONS:
         table, plot = makers[name]
-        figure = figures / f"{name}.png"
+        figure = f"figures/{name}.png"
         if name in sec:
             lines = table(sec[name])
             try:
-                plot(sec[name], figure)
+                figures[figure] = _png(lambda f: plot(sec[name], f))
             except Exception:
                 report["errors"][f"{name}_plot"] = traceback.format_exc()[-2000:]
-                plot_missing(f"{name}: the plot failed (see summary.json)", figure)
+                figures[figure] = _png(lambda f: plot_missing(f"{name}: the plot failed (see summary.json)", f))
         elif name in report["errors"]:
-            lines = [f"Not measured: the section failed ({_plain(report['errors'][name].strip().splitlines()[-1])})."]
-            plot_missing(f"{name}: not measured, the section failed (see summary.json)", figure)
+            last_line = (str(report["errors"][name]).strip().splitlines() or ["no message"])[-1]
+            lines = [f"Not measured: the section failed ({_plain(last_line)})."]
+            figures[figure] = _png(lambda f: plot_missing(f"{name}: not measured, the section failed "
+                                                          "(see summary.json)", f))
         else:
             lines = ["Not measured in this run."]
-            plot_missing(f"{name}: not measured in this run", figure)
-        written.append(figure)
+            figures[figure] = _png(lambda f: plot_missing(f"{name}: not measured in this run", f))
         if quick:
             lines += ["", "*Quick run: a smoke test, not numbers to read.*"]
         blocks.append(_block(name, lines))
-    (out / "summary.md").write_text("\n".join(blocks))
-    (out / "machine.md").write_text(machine_paragraph(report))
-    (out / "summary.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    written = [out / "summary.json", out / "summary.md", out / "machine.md", *written]
+    machine = machine_paragraph(report)
+    return {"summary.md": "\n".join(blocks).encode(), "machine.md": machine.encode(), **figures,
+            "summary.json": (json.dumps(report, indent=2, default=str) + "\n").encode()}
+
+
+def write_files(report: dict, files: dict[str, bytes], out: Path) -> None:
+    """Write what :func:`render_outputs` made into ``out``, and print the tables."""
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+        written.append(out / name)
     say("")
-    say((out / "summary.md").read_text())
-    say(machine_paragraph(report))
+    say(files["summary.md"].decode())
+    say(files["machine.md"].decode())
     if report["errors"]:
         say(f"!! errors in: {', '.join(report['errors'])} (details in summary.json)")
     say("wrote " + ", ".join(str(p) for p in written) + f" ({report['wall_seconds'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -167,12 +167,18 @@ class CheckReport:
 # Running a check: properties in order, the first failure ends it
 # ---------------------------------------------------------------------- #
 class _Failure(Exception):
-    """A property does not hold (raised inside a check, turned into a report)."""
+    """A property does not hold (raised inside a check, turned into a report).
+
+    ``prop`` names the property that failed when it is not the one being
+    checked: a check that watches every call for changed inputs reports
+    that property at the first call that changes one.
+    """
 
     def __init__(self, input: str, expected: str, got: str, hint: str | None = None,
-                 inputs: dict[str, Any] | None = None) -> None:
+                 inputs: dict[str, Any] | None = None, prop: str | None = None) -> None:
         super().__init__(got)
         self.input, self.expected, self.got, self.hint, self.inputs = input, expected, got, hint, inputs
+        self.prop = prop
 
 
 class _NotFilledIn(Exception):
@@ -257,8 +263,9 @@ def _run(name: str, fn: Callable[..., Any], properties: list[Property], raise_on
                         "then run this check again.")
                 report = CheckReport(name, False, verified, text, "the solution is filled in")
             except _Failure as failure:
-                report = CheckReport(name, False, verified, _failure_text(prop, failure, len(verified)),
-                                     prop, failure.inputs)
+                failed = failure.prop or prop
+                report = CheckReport(name, False, verified, _failure_text(failed, failure, len(verified)),
+                                     failed, failure.inputs)
             except Exception as err:  # the check could not read what the function returned
                 failure = _Failure("see the property", "a result of the documented type and shape",
                                    f"a result the check could not use ({type(err).__name__}: {err})")
@@ -355,12 +362,25 @@ def _clones(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in tensors.items()}
 
 
-def _unchanged(before: dict[str, Tensor], after: dict[str, Tensor]) -> str | None:
-    """The name of the first tensor that changed, if any."""
+def _unchanged(before: dict[str, Tensor], after: dict[str, Any]) -> str | None:
+    """The name of the first tensor that changed (values, dtype, shape, or replaced), if any."""
     for name, value in before.items():
-        if not torch.equal(value, after[name]):
+        other = after.get(name)
+        if (not isinstance(other, Tensor) or other.dtype != value.dtype or other.shape != value.shape
+                or not torch.equal(value, other.detach())):
             return name
     return None
+
+
+def _change_text(name: str, before: Tensor, after: Any) -> str:
+    """How ``after`` differs from ``before``, for a failure message."""
+    if not isinstance(after, Tensor):
+        return f"{name} was replaced by a {type(after).__name__}"
+    if after.dtype != before.dtype:
+        return f"{name} was changed in place: its dtype went from {before.dtype} to {after.dtype}"
+    if after.shape != before.shape:
+        return f"{name} was changed in place: its shape went from {list(before.shape)} to {list(after.shape)}"
+    return f"{name} was modified in place"
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -759,7 +779,8 @@ def _augru_case(seed: int, a: list[float], input_size: int = 3, hidden: int = 2)
 
 
 def _cell_weights(cell: nn.Module) -> dict[str, Tensor]:
-    return {name: getattr(cell, name) for name in _WEIGHT_NAMES}
+    """The four weights of a GRU cell (None for one the cell no longer has)."""
+    return {name: getattr(cell, name, None) for name in _WEIGHT_NAMES}
 
 
 def _augru_reference(x: Tensor, h: Tensor, a: Tensor, cell: nn.Module) -> Tensor:
@@ -805,7 +826,14 @@ def _augru_input_text(case: dict[str, Any], note: str = "") -> str:
 
 
 def _augru_args(case: dict[str, Any]) -> list[Any]:
-    return [case["x"].clone(), case["h"].clone(), case["a"].clone(), case["cell"]]
+    """Fresh copies of x, h, a and the cell for one call.
+
+    Every call gets its own deep copy of the cell, so that a function that
+    changes the cell's weights in place cannot change what the next call,
+    or the check's own reference, computes with: ``case["cell"]`` itself is
+    never handed to the function.
+    """
+    return [case["x"].clone(), case["h"].clone(), case["a"].clone(), copy.deepcopy(case["cell"])]
 
 
 def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False) -> CheckReport:
@@ -835,10 +863,44 @@ def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False
     one_case = _augru_case(54, [1.0, 1.0])
     between_case = _augru_case(55, [0.1, 0.25, 0.5, 0.9], 4, 3)
     mixed_case = _augru_case(56, [0.0, 1.0, 0.3, 0.8], 3, 3)
+    # x, h, a and the cell's weights of every case as built, taken once before any call: what
+    # "unchanged" is measured against. Each call gets copies (_augru_args), never these.
+    snapshots: dict[int, dict[str, Tensor]] = {}
+
+    def snapshot(case: dict[str, Any]) -> None:
+        snapshots[id(case)] = _clones({**{k: case[k] for k in ("x", "h", "a")}, **_cell_weights(case["cell"])})
+
+    for case in (*shape_cases, *zero_cases, one_case, between_case, mixed_case):
+        snapshot(case)
+    unchanged_prop = "leaves its inputs and the cell's weights unchanged"
+
+    def check_unchanged(case: dict[str, Any], args: list[Any], text: str) -> None:
+        """Fail the "unchanged" property at once if a call changed its x, h, a or the cell's weights.
+
+        Checked after every call, not only in that property: a function that
+        changes the cell's weights before using them would otherwise fail an
+        earlier property with numbers that hide the cause.
+        """
+        before = snapshots[id(case)]
+        after = {"x": args[0], "h": args[1], "a": args[2], **_cell_weights(args[3])}
+        changed = _unchanged(before, after)
+        if changed:
+            hint = ("use out-of-place ops (h * u, not h.mul_(u))" if changed in ("x", "h", "a") else
+                    "the cell's weights belong to the model: read them, never write to them (no .zero_(), "
+                    ".clamp_(), .copy_(), assignment, or .float() / .double() on the cell)")
+            raise _Failure(text, f"{changed} unchanged after the call", _change_text(changed, before[changed],
+                           after[changed]), hint, case, prop=unchanged_prop)
+
+    def call(student: _Student, case: dict[str, Any], text: str, args: list[Any] | None = None) -> Any:
+        """The student's step on copies of ``case`` (or on ``args``), inputs checked afterwards."""
+        args = _augru_args(case) if args is None else args
+        out = student.call(text, *args, inputs=case)
+        check_unchanged(case, args, text)
+        return out
 
     def step(student: _Student, case: dict[str, Any], note: str = "") -> Tensor:
         text = _augru_input_text(case, note)
-        out = _as_tensor(student.call(text, *_augru_args(case), inputs=case), text, "h_new", case)
+        out = _as_tensor(call(student, case, text), text, "h_new", case)
         _expect_shape(out, tuple(case["h"].shape), text, case)
         return out
 
@@ -907,7 +969,7 @@ def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False
         cell = copy.deepcopy(case["cell"])
         params = list(_cell_weights(cell).values())
         probe = _randn(_gen(57), *case["h"].shape)
-        out = _as_tensor(student.call(text, leaves["x"], leaves["h"], leaves["a"], cell, inputs=case),
+        out = _as_tensor(call(student, case, text, [leaves["x"], leaves["h"], leaves["a"], cell]),
                          text, "h_new", case)
         if not out.requires_grad:
             raise _Failure(text, "h_new connected to the autograd graph", "a result without gradient",
@@ -929,6 +991,7 @@ def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False
     def float32(student: _Student) -> None:
         case = {**between_case, "x": between_case["x"].float(), "h": between_case["h"].float(),
                 "a": between_case["a"].float(), "cell": copy.deepcopy(between_case["cell"]).float()}
+        snapshot(case)
         got = step(student, case, " (float32 inputs and cell)").detach()
         expected = _augru_reference(between_case["x"], between_case["h"], between_case["a"],
                                     between_case["cell"]).detach()
@@ -936,17 +999,8 @@ def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False
             raise mismatch(case, got, expected, "the float64 result", " (float32 inputs and cell)")
 
     def inputs_unchanged(student: _Student) -> None:
-        case = between_case
-        before = {**_clones({k: case[k] for k in ("x", "h", "a")}),
-                  **_clones(_cell_weights(case["cell"]))}
-        args = _augru_args(case)
-        student.call(_augru_input_text(case), *args, inputs=case)
-        after = {"x": args[0], "h": args[1], "a": args[2], **_cell_weights(case["cell"])}
-        changed = _unchanged(before, after)
-        if changed:
-            raise _Failure(_augru_input_text(case), f"{changed} unchanged after the call",
-                           f"{changed} was modified in place", "use out-of-place ops (h * u, not h.mul_(u))",
-                           case)
+        for case in (between_case, mixed_case):
+            call(student, case, _augru_input_text(case))
 
     properties: list[Property] = [
         ("returns h_new as a tensor [B, H], also for B = 1", returns_state),
@@ -955,7 +1009,7 @@ def check_augru_cell(augru_step: Callable[..., Any], raise_on_fail: bool = False
         ("0 < a < 1 follows the paper: u' = a * u with u = 1 - z, h_new = (1 - u') * h + u' * h~",
          paper_formula),
         ("each row uses its own attention a[b] (batch with a = [0, 1, 0.3, 0.8])", own_row),
-        ("leaves its inputs and the cell's weights unchanged", inputs_unchanged),
+        (unchanged_prop, inputs_unchanged),
         ("gradients with respect to x, h, a and the cell's weights equal the reference", gradients),
         (f"works on float32 inputs and a float32 cell (atol {ATOL_FLOAT32:g})", float32),
     ]
@@ -1222,7 +1276,9 @@ def check_negative_sampler(sample_negatives: Callable[..., Any], raise_on_fail: 
     item, real items are ``2 .. n_items - 1``. Returns an integer array
     ``[N]``: for each positive, a real item other than that positive, drawn
     uniformly with ``rng`` (and with nothing else, so that a seed fixes the
-    draws).
+    draws). The check also uses vocabularies of 5,000 and 100,000 items:
+    the draws must reach every code, in a dtype that holds them (int64, as
+    ``rng.integers`` returns; int32 is fine too).
 
     The package's own sampler (:func:`dien_tutorial.data.samples.sample_negatives`)
     also excludes everything the user clicked at any time; here each draw
@@ -1234,6 +1290,10 @@ def check_negative_sampler(sample_negatives: Callable[..., Any], raise_on_fail: 
             failed report.
     """
     cases = [(4, 300, 70), (7, 3000, 71), (50, 2000, 72)]  # (n_items, N, seed), smallest first
+    # Vocabularies the size of real catalogues, few draws each: a sampler must reach every code and
+    # return it in a dtype that holds it (uint8 wraps above 255, int16 above 32,767).
+    large = [(5_000, 2000, 74), (100_000, 2000, 75)]
+    cases += large
 
     def draw(student: _Student, positives: np.ndarray, n_items: int, seed: int) -> np.ndarray:
         text = _sampler_input_text(positives, n_items, seed)
@@ -1246,6 +1306,12 @@ def check_negative_sampler(sample_negatives: Callable[..., Any], raise_on_fail: 
         if arr.shape != positives.shape or arr.dtype.kind not in "iu":
             raise _Failure(text, f"an integer array of shape [{len(positives)}]",
                            f"{arr.dtype} array of shape {list(arr.shape)}", inputs=inputs)
+        if np.iinfo(arr.dtype).max < n_items - 1:  # the codes near the top cannot be represented
+            raise _Failure(text, f"an integer dtype that holds every code up to n_items - 1 = {n_items - 1} "
+                           "(int64, as rng.integers returns, or int32)",
+                           f"{arr.dtype} array: it holds codes up to {np.iinfo(arr.dtype).max} only, larger "
+                           "ones wrap round",
+                           f"do not cast the negatives to {arr.dtype}: keep int64 codes", inputs=inputs)
         return arr.astype(np.int64)
 
     def first_bad(student: _Student, bad: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
@@ -1310,6 +1376,26 @@ def check_negative_sampler(sample_negatives: Callable[..., Any], raise_on_fail: 
                            "does the function make its own generator (np.random.default_rng(0)) instead of "
                            "using rng?", {"positives": positives, "n_items": n_items, "seed": seed})
 
+    def spread(student: _Student) -> None:
+        """With a large vocabulary, each tenth of the real codes gets about a tenth of the draws."""
+        for n_items, size, seed in large:
+            positive = n_items // 2
+            positives = np.full(size, positive, dtype=np.int64)  # [N]
+            neg = draw(student, positives, n_items, seed)
+            tenth = (neg - FIRST_ID) * 10 // (n_items - FIRST_ID)  # [N], 0 .. 9
+            counts = np.bincount(np.clip(tenth, 0, 9), minlength=10)
+            share = size / 10
+            low, high = 0.5 * share, 1.5 * share
+            if ((counts < low) | (counts > high)).any():
+                width = (n_items - FIRST_ID) / 10
+                raise _Failure(_sampler_input_text(positives, n_items, seed) + f" (every positive is {positive})",
+                               f"each tenth of the real codes (about {width:,.0f} codes each) drawn about "
+                               f"{share:.0f} times (between {low:.0f} and {high:.0f})",
+                               f"draws per tenth of the codes {counts.tolist()}; largest negative {neg.max()}",
+                               f"draw among ALL real items {FIRST_ID} .. n_items - 1 = {n_items - 1}: is the "
+                               "upper bound of the draw a fixed number instead of n_items?",
+                               {"positives": positives, "n_items": n_items, "seed": seed})
+
     def uniform(student: _Student) -> None:
         n_items, size, seed, positive = 10, 4200, 73, 3
         positives = np.full(size, positive, dtype=np.int64)
@@ -1325,6 +1411,7 @@ def check_negative_sampler(sample_negatives: Callable[..., Any], raise_on_fail: 
                            "draw uniformly among the real items other than the positive; replacing a hit by "
                            "a fixed neighbour (positive + 1) doubles that neighbour's share",
                            {"positives": positives, "n_items": n_items, "seed": seed})
+        spread(student)
 
     def inputs_unchanged(student: _Student) -> None:
         n_items, size, seed = cases[1]

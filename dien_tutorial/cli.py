@@ -71,6 +71,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
 PRESETS = ("tiny", "paper")
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (a bad value is a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {value}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=SOURCES, default="simulated",
                    help="where the behaviour log comes from (default: simulated)")
@@ -90,7 +101,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="epochs without a better valid AUC before stopping")
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of the simulator and the negative sampling (the split)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch intra-op threads (default 1, chosen from measurements: a second thread "
+                        "helps only large batches on an idle machine and slows every step down many "
+                        "times when another process is busy; see the book's Performance chapter)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 

@@ -93,6 +93,7 @@ from dien_tutorial.train import (
     model_inputs,
     save_checkpoint,
     seed_everything,
+    write_atomically,
 )
 
 BACKENDS = ("gloo", "nccl")
@@ -711,16 +712,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a temp file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+OUTPUT_FILES = ("model.pt", "metrics.json")  # what rank 0 writes into --out
+
+
+def check_outputs(out: Path) -> None:
+    """Check, before any training, that rank 0 will be able to write its files into ``out``.
+
+    ``out`` is created if needed; it must be a folder we can create files
+    in, and ``model.pt`` and ``metrics.json`` in it, if they exist, must
+    not be folders (an old file is replaced).
+
+    Raises:
+        ValueError: ``out`` or one of the files is of the wrong kind.
+        OSError: ``out`` cannot be created or written to (naming it).
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: rank 0 writes {' and '.join(OUTPUT_FILES)} "
+                         "into it")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create --out {out}: {err.strerror or err}") from err
+    for name in OUTPUT_FILES:
+        target = out / name
+        if target.is_dir():
+            raise ValueError(f"{target} is a folder: rank 0 writes the file {name} there; move it away "
+                             "or choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=out):  # the way to know: create a file, as the run will
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write in --out {out}: {err.strerror or err}") from err
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (:func:`dien_tutorial.train.write_atomically`)."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    write_atomically(path, lambda fh: fh.write(text.encode()))
 
 
 def run(args: argparse.Namespace, world: World) -> dict | None:
@@ -735,10 +763,15 @@ def run(args: argparse.Namespace, world: World) -> dict | None:
 
     out = Path(args.out)
     error: BaseException | None = None
+    try:
+        if world.is_main:  # fail before any work, not after the last epoch
+            check_outputs(out)
+    except BAD_INPUT as err:
+        error = err
+    agree(world, error, "checking the output folder")
+
     samples = None
     try:
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
         samples = _prepare(args)
         steps_per_epoch(len(samples.dataset("train")), args.batch_size)
     except BAD_INPUT as err:

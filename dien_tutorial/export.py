@@ -79,6 +79,7 @@ export never saw.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import io
@@ -367,14 +368,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, dynamic_axes: Mapping[str
     check_graph(proto, model.config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from dien_tutorial.train import write_atomically  # train pulls in scikit-learn and tqdm
+
+    data = proto.SerializeToString()
+    write_atomically(path, lambda fh: fh.write(data))
     return path
 
 
@@ -791,6 +788,126 @@ class ExportReport:
         return "\n".join(lines)
 
 
+def _fields_of_size(config: DIENConfig, size: int) -> list[str]:
+    """The config's integer fields whose value (or three times it, a GRU's gates) is ``size``."""
+    names = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value == size:
+                names.append(f"{item.name} = {value:,}")
+            elif 3 * value == size:
+                names.append(f"3 x {item.name} = 3 x {value:,}")
+    return names
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(f"{d:,}" for d in shape) + "]"
+
+
+def model_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint, after checking every field of the file.
+
+    Like :func:`dien_tutorial.train.model_from_checkpoint`, but nothing is
+    built before the file is known to describe a model that can be
+    exported:
+
+    - ``model_name`` is a string, ``model_config`` a dict that
+      :meth:`DIENConfig.from_dict` accepts, ``model_state`` a dict of
+      tensors;
+    - every tensor of ``model_state`` has the name and shape the config
+      asks for. The expected shapes come from the model built on PyTorch's
+      ``meta`` device, which allocates no memory, so a config with absurd
+      sizes (``n_items = 2**40``) is reported, not allocated;
+    - every weight is finite: a model with NaN or inf weights would export,
+      then fail the parity check with NaN everywhere.
+
+    Args:
+        checkpoint: a file written by :func:`dien_tutorial.train.save_checkpoint`.
+
+    Returns:
+        ``(model, state)``: the model in eval mode, and the checkpoint's dict.
+
+    Raises:
+        FileNotFoundError: no checkpoint file.
+        ValueError: an unreadable file, or a field that is missing, of the
+            wrong type, or disagrees with the config (the message names it).
+    """
+    from dien_tutorial.model import build_model
+    from dien_tutorial.train import load_checkpoint
+
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)  # a dict with the three fields, read with weights_only=True
+    name, config_dict, weights = state["model_name"], state["model_config"], state["model_state"]
+    if not isinstance(name, str):
+        raise ValueError(f"{checkpoint}: the field 'model_name' must be a string such as 'dien', "
+                         f"got a {type(name).__name__}")
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{checkpoint}: the field 'model_config' must be a dict of DIENConfig fields, "
+                         f"got {type(config_dict).__name__}")
+    if not isinstance(weights, dict) or not weights:
+        got = "an empty dict" if isinstance(weights, dict) else type(weights).__name__
+        raise ValueError(f"{checkpoint}: the field 'model_state' must be a dict of weight tensors, got {got}")
+    config = DIENConfig.from_dict(config_dict)
+    for key, value in weights.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{checkpoint}: model_state[{key!r}] is a {type(value).__name__}, not a tensor")
+
+    with torch.device("meta"):  # shapes only: no memory, however large the config
+        expected = build_model(name, config).state_dict()
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"lacks {len(missing)} weight(s) of model {name!r}, first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"has {len(unexpected)} weight(s) model {name!r} does not have, first {unexpected[0]!r}")
+        raise ValueError(f"{checkpoint}: the weights do not fit model {name!r}: model_state "
+                         + " and ".join(parts) + " (was the checkpoint written for another model?)")
+    for key, want in expected.items():
+        got = weights[key]
+        if tuple(got.shape) == tuple(want.shape):
+            continue
+        detail = ""
+        if got.dim() == want.dim():
+            axis = next(i for i, (g, w) in enumerate(zip(got.shape, want.shape)) if g != w)
+            fields = _fields_of_size(config, int(want.shape[axis]))
+            if fields:
+                detail = f"; axis {axis} follows model_config's {' or '.join(fields)}"
+        raise ValueError(f"{checkpoint}: the weights do not fit the config: model_state[{key!r}] has shape "
+                         f"{_shape_text(got.shape)}, but model_config asks for {_shape_text(want.shape)}"
+                         f"{detail}")
+    for key, value in weights.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{checkpoint}: model_state[{key!r}] holds {bad:,} NaN or infinite value(s) of "
+                             f"{value.numel():,}: the training diverged or the file is damaged, and such a "
+                             "model cannot be exported (its outputs would not be finite)")
+
+    model = build_model(name, config)
+    model.load_state_dict(weights)
+    model.eval()
+    return model, state
+
+
+def _check_out_path(checkpoint: Path, out: Path) -> None:
+    """Refuse an ``out`` that is the checkpoint itself, or a folder.
+
+    Raises:
+        ValueError: naming both paths.
+    """
+    same = out.resolve() == checkpoint.resolve()
+    if not same and out.exists() and checkpoint.exists():
+        same = os.path.samefile(out, checkpoint)  # a hard link, or another path to the same file
+    if same:
+        raise ValueError(f"out {out} is the checkpoint {checkpoint} itself: writing the ONNX file there would "
+                         f"destroy the checkpoint; choose another path, e.g. {checkpoint.with_suffix('.onnx')}")
+    if out.is_dir():
+        raise ValueError(f"out {out} is a folder: give the path of the .onnx file to write, "
+                         f"e.g. {out / (checkpoint.stem + '.onnx')}")
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, max_len: int = 50, *,
                       batches: Sequence[int] = (1, 7, 64), atol: float = 1e-5,
                       latency_batches: Sequence[int] = (1, 256), repeats: int = 30) -> ExportReport:
@@ -811,24 +928,41 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, max_len: int = 50
     Returns:
         An :class:`ExportReport`; ``print(report.summary())``.
 
+    The file is written under a temporary name next to ``out`` and renamed
+    to ``out`` only once the parity check has passed: a file that fails it
+    is deleted, and an existing ``out`` stays as it was.
+
     Raises:
         FileNotFoundError: no checkpoint file.
-        ValueError: an unreadable checkpoint, or weights that do not fit
-            the model it names.
+        ValueError: an unreadable checkpoint, a field of it that is missing,
+            of the wrong type, non-finite or disagrees with its config
+            (see :func:`model_for_export`), or ``out`` is the checkpoint
+            itself or a folder.
         ExportError: a graph check or the parity check failed.
     """
-    from dien_tutorial.train import model_from_checkpoint
-
-    if not isinstance(max_len, int) or max_len < 1:
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
         raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    checkpoint = Path(checkpoint)
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_out_path(checkpoint, out)
     try:
-        model, state = model_from_checkpoint(checkpoint)
-    except RuntimeError as err:  # load_state_dict: missing, unexpected or misshapen weights
+        model, state = model_for_export(checkpoint)
+    except RuntimeError as err:  # load_state_dict: a weight that does not fit after all
         raise ValueError(f"{checkpoint}: the weights do not fit the model it names ({err})") from err
-    path = export_onnx(model, out)
-    graph = graph_stats(path)
-    parity = verify_onnx(model, path, max_len, batches=batches, atol=atol)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, unverified = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".unverified", dir=out.parent)
+    os.close(fd)
+    try:
+        export_onnx(model, unverified)
+        graph = graph_stats(unverified)
+        try:
+            parity = verify_onnx(model, unverified, max_len, batches=batches, atol=atol)
+        except ExportError as err:  # name the file asked for, not the temporary one
+            raise ExportError(f"{out} not written: " + str(err).removeprefix(f"{unverified}: ")) from err
+        os.replace(unverified, out)
+    except BaseException:
+        Path(unverified).unlink(missing_ok=True)
+        raise
+    path = out
     latency = benchmark_latency(model, path, batches=latency_batches, T=max_len, repeats=repeats) \
         if latency_batches else {}
     return ExportReport(path=path, checkpoint=checkpoint, model_name=str(state["model_name"]),

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import pandas as pd
@@ -150,6 +150,32 @@ def evaluate(model: torch.nn.Module, dataset: DienDataset, batch_size: int = 409
 # ---------------------------------------------------------------------------
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the umask (usually 0o644)."""
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temp file in the same folder, then a rename.
+
+    A crash or an error leaves either the old file or the new one, never a
+    half-written file. ``write`` gets the open binary temp file. The file
+    ends with the usual mode of a new file (``tempfile.mkstemp`` alone
+    would leave it readable by its owner only).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, new_file_mode())
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str,
                     model_config: dict, optimizer: torch.optim.Optimizer | None = None,
                     extra: dict | None = None) -> Path:
@@ -168,14 +194,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str,
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda fh: torch.save(state, fh))
     return path
 
 

@@ -475,6 +475,133 @@ def test_checks_leave_the_global_random_states_alone():
     assert random.getstate() == before[2]
 
 
+# ---------------------------------------------------------------------- #
+# Shared inputs: every call gets its own copies
+# ---------------------------------------------------------------------- #
+def augru_zeroes_bias_first(x, h, a, cell):
+    """Zeroes the cell's input bias in place, then computes the right step with what is left."""
+    with torch.no_grad():
+        cell.bias_ih.zero_()
+    return notebook_augru_step(x, h, a, cell)
+
+
+def augru_clamps_weights_after(x, h, a, cell):
+    """The right step, then clamps the cell's recurrent weights in place."""
+    out = notebook_augru_step(x, h, a, cell)
+    with torch.no_grad():
+        cell.weight_hh.clamp_(-0.1, 0.1)
+    return out
+
+
+def augru_casts_cell_to_float32(x, h, a, cell):
+    """Casts the cell itself to float32 (Module.float() works in place), result back in float64."""
+    cell.float()
+    return notebook_augru_step(x.float(), h.float(), a.float(), cell).double()
+
+
+def augru_replaces_a_weight(x, h, a, cell):
+    """Rebinds a weight of the cell to a new parameter."""
+    out = notebook_augru_step(x, h, a, cell)
+    cell.bias_hh = torch.nn.Parameter(cell.bias_hh.detach() * 2)
+    return out
+
+
+@pytest.mark.parametrize(("mistake", "weight", "got"), [
+    (augru_zeroes_bias_first, "bias_ih", "bias_ih was modified in place"),
+    (augru_clamps_weights_after, "weight_hh", "weight_hh was modified in place"),
+    (augru_casts_cell_to_float32, "weight_ih", "its dtype went from torch.float64 to torch.float32"),
+    (augru_replaces_a_weight, "bias_hh", "bias_hh was modified in place"),
+], ids=_id)
+def test_augru_check_catches_a_function_that_changes_the_cells_weights(mistake, weight, got):
+    report = check_augru_cell(mistake)
+    assert not report.passed
+    assert report.failed_property == "leaves its inputs and the cell's weights unchanged"
+    assert f"expected: {weight} unchanged after the call" in report.failure
+    assert got in report.failure
+    assert "never write to them" in report.failure
+    # The cell the report hands back is the one the check built, untouched by the calls.
+    built = checks._augru_case(50, [0.5], 2, 3)
+    assert report.inputs["cell"] is not built["cell"]
+    for name in checks._WEIGHT_NAMES:
+        assert torch.equal(getattr(report.inputs["cell"], name), getattr(built["cell"], name))
+    # The same steps without the in-place change pass.
+    assert check_augru_cell(notebook_augru_step).passed
+
+
+def test_augru_check_hands_every_call_its_own_cell():
+    seen = []
+
+    def recording_step(x, h, a, cell):
+        seen.append(cell)
+        return notebook_augru_step(x, h, a, cell)
+
+    report = check_augru_cell(recording_step, raise_on_fail=True)
+    assert len(report.verified) == 8
+    assert len(seen) >= 10 and len({id(c) for c in seen}) == len(seen)
+
+
+def test_augru_check_still_names_an_input_changed_after_the_step():
+    def step_then_scale_x(x, h, a, cell):
+        out = notebook_augru_step(x, h, a, cell)
+        x.mul_(2.0)
+        return out
+
+    report = check_augru_cell(step_then_scale_x)
+    assert report.failed_property == "leaves its inputs and the cell's weights unchanged"
+    assert "expected: x unchanged after the call" in report.failure
+    assert "use out-of-place ops" in report.failure
+
+
+def sampler_capped_at_60(positives, n_items, rng):
+    """Right for small vocabularies, but draws only among the codes below 60."""
+    top = min(n_items, 60)
+    neg = rng.integers(FIRST_ID, top - 1, size=len(positives))
+    return neg + (neg >= positives)
+
+
+def sampler_returns_uint8(positives, n_items, rng):
+    """Right codes, cast to uint8: codes above 255 wrap round."""
+    return sample_negatives_shift(positives, n_items, rng).astype(np.uint8)
+
+
+def sampler_returns_int16(positives, n_items, rng):
+    """Right codes, cast to int16: codes above 32,767 wrap round."""
+    return sample_negatives_shift(positives, n_items, rng).astype(np.int16)
+
+
+def test_sampler_check_uses_large_vocabularies():
+    report = check_negative_sampler(sampler_capped_at_60)
+    assert report.failed_property == ("for a fixed positive, every other real item is drawn, each with about "
+                                      "the same share")
+    assert report.inputs["n_items"] == 5000
+    assert "got: draws per tenth of the codes [2000, 0, 0, 0, 0, 0, 0, 0, 0, 0]; largest negative 58" in \
+        report.failure
+    assert "is the upper bound of the draw a fixed number instead of n_items?" in report.failure
+
+
+@pytest.mark.parametrize(("sampler", "n_items", "limit"), [
+    (sampler_returns_uint8, 5000, 255),
+    (sampler_returns_int16, 100_000, 32767),
+], ids=_id)
+def test_sampler_check_rejects_a_dtype_too_narrow_for_the_codes(sampler, n_items, limit):
+    report = check_negative_sampler(sampler)
+    assert report.failed_property == "returns one integer code per positive, shape [N]"
+    assert report.inputs["n_items"] == n_items
+    assert f"holds codes up to {limit} only, larger ones wrap round" in report.failure
+    assert f"every code up to n_items - 1 = {n_items - 1}" in report.failure
+
+
+def test_sampler_check_accepts_int32_and_stays_fast():
+    import time
+
+    def int32_sampler(positives, n_items, rng):
+        return sample_negatives_shift(positives, n_items, rng).astype(np.int32)
+
+    start = time.perf_counter()
+    check_negative_sampler(int32_sampler, raise_on_fail=True)
+    assert time.perf_counter() - start < 2.0  # well under a second on an idle machine
+
+
 def _float32(fn):
     """Run fn on float32 copies of its float tensors (what a float32-only implementation does)."""
     def wrapped(*args):

@@ -125,3 +125,127 @@ def test_data_max_len_too_long_for_an_int_is_an_argparse_error(tmp_path, capsys)
         main(["data", "--source", "csv", "--path", path, "--max-len", "9" * 5000])
     assert exc.value.code == 2
     assert "argument --max-len: invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("value, message", [
+    ("0", "expected a positive integer (1 or more), got 0"),
+    ("-3", "expected a positive integer (1 or more), got -3"),
+    ("two", "expected a positive integer, got 'two'"),
+])
+def test_threads_must_be_a_positive_integer(command, value, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--threads", value, "--out", str(out)])
+    assert exc.value.code == 2
+    assert f"argument --threads: {message}" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was created or trained
+
+
+def test_positive_int_accepts_one_and_more():
+    from dien_tutorial.cli import positive_int
+
+    assert positive_int("1") == 1 and positive_int("12") == 12
+
+
+# ---------------------------------------------------------------------- #
+# benchmarks/run_all.py: usage errors before anything is measured
+# ---------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def run_all():
+    """benchmarks/run_all.py as a module (its imports are light; nothing runs at import)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("run_all_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _usage_error(run_all, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        run_all.parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("only", [",", "", " , ,"])
+def test_run_all_only_selecting_nothing_is_a_usage_error(run_all, only, capsys):
+    err = _usage_error(run_all, ["--only", only], capsys)
+    assert f"--only {only!r} selects no section; choose from training, onnx, history, threads, samples" in err
+
+
+def test_run_all_out_is_checked_before_measuring(run_all, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert f"--out {afile} is a file, not a folder" in _usage_error(run_all, ["--out", str(afile)], capsys)
+    inside = afile / "results"
+    assert f"--out {inside} cannot be created: {afile} is a file" in _usage_error(
+        run_all, ["--out", str(inside)], capsys)
+    (tmp_path / "old" / "summary.md").mkdir(parents=True)
+    assert "summary.md is a folder" in _usage_error(run_all, ["--out", str(tmp_path / "old")], capsys)
+    (tmp_path / "old2").mkdir()
+    (tmp_path / "old2" / "figures").write_text("")
+    assert "figures is a file" in _usage_error(run_all, ["--out", str(tmp_path / "old2")], capsys)
+    args = run_all.parse_args(["--only", "onnx", "--out", str(tmp_path / "new" / "deeper")])
+    assert args.wanted == ["onnx"] and not (tmp_path / "new").exists()  # creatable, not created yet
+
+
+def _minimal_report() -> dict:
+    """A summary.json of a run that measured no section."""
+    none = {"available": False, "reason": "not needed by the sections asked for"}
+    return {"quick": True, "date_utc": "2026-01-02T03:04:05+00:00", "sections_run": [],
+            "machine": {"cpu": "test cpu", "cores": 2, "ram_gib": 1.0, "python": "3.11", "torch": "2"},
+            "settings": {}, "sections": {}, "errors": {}, "data": {"source": "sim"},
+            "frameworks": {"ours": none, "rechub": none, "deepctr": none},
+            "load_average_start": [0.5], "load_average_end": [0.75], "wall_seconds": 1.0}
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", "summary.json: not valid JSON"),
+    ("[]", "summary.json: expected a JSON object, got list"),
+    ("{}", "the field 'quick' is missing"),
+    (json.dumps({**_minimal_report(), "sections": []}), "the field 'sections' has the wrong type (list)"),
+    (json.dumps({k: v for k, v in _minimal_report().items() if k != "machine"}), "the field 'machine' is missing"),
+    (json.dumps({**_minimal_report(), "machine": {}}), "cannot render the tables, a field is missing or "
+                                                        "malformed (KeyError: 'python')"),
+    (json.dumps({**_minimal_report(), "sections": {"onnx": {"summary": [{"batch": 1}]}}}),
+     "cannot render the tables, a field is missing or malformed (KeyError: "),
+])
+def test_run_all_render_of_a_malformed_summary_writes_nothing(run_all, content, message, tmp_path, capsys):
+    folder = tmp_path / "results"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "summary.json").write_text(content)
+    (folder / "summary.md").write_text("the tables of the last good run")
+    (folder / "figures" / "onnx.png").write_bytes(b"an old plot")
+    before = _tree(folder)
+    assert run_all.main(["--render", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {folder / 'summary.json'}: ") and message in err
+    assert err.rstrip().endswith("nothing was written")
+    assert _tree(folder) == before
+
+
+def test_run_all_render_honours_out_and_rejects_measuring_options(run_all, tmp_path, capsys):
+    source = tmp_path / "results"
+    source.mkdir()
+    (source / "summary.json").write_text(json.dumps(_minimal_report()))
+    before = _tree(source)
+    for extra in (["--quick"], ["--only", "onnx"]):
+        err = _usage_error(run_all, ["--render", str(source), *extra], capsys)
+        assert "--render measures nothing: --quick and --only do not apply to it" in err
+    out = tmp_path / "rendered"
+    assert run_all.main(["--render", str(source), "--out", str(out)]) == 0
+    assert _tree(source) == before  # the source folder is only read
+    written = _tree(out)
+    assert set(written) == {"summary.json", "summary.md", "machine.md",
+                            *(f"figures/{name}.png" for name in run_all.SECTIONS)}
+    assert json.loads(written["summary.json"]) == _minimal_report()
+    assert written["summary.md"].decode().count("Not measured in this run.") == len(run_all.SECTIONS)
+    assert "on one machine: test cpu, 2 cores" in written["machine.md"].decode()
+    assert all(png.startswith(b"\x89PNG") for name, png in written.items() if name.endswith(".png"))

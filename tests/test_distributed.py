@@ -285,3 +285,59 @@ def test_fewer_samples_than_one_global_batch_is_refused():
     with pytest.raises(ValueError, match="some rank would get no data"):
         D.steps_per_epoch(100, 128)
     assert D.steps_per_epoch(300, 128) == 2
+
+
+# ---------------------------------------------------------------------------
+# Output files: checked before any work, written with the usual mode
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda out: out.write_text("x"), "is a file, not a folder: rank 0 writes model.pt and metrics.json"),
+    (lambda out: (out / "model.pt").mkdir(parents=True), "model.pt is a folder: rank 0 writes the file model.pt"),
+    (lambda out: (out / "metrics.json").mkdir(parents=True), "metrics.json is a folder: rank 0 writes the file"),
+], ids=["out-is-a-file", "model.pt-is-a-folder", "metrics.json-is-a-folder"])
+def test_unusable_output_paths_exit_2_before_any_sample_is_built(make, message, tmp_path, monkeypatch, capsys,
+                                                                 no_launch_env):
+    import dien_tutorial.cli
+
+    def no_samples(args):
+        raise AssertionError("the samples were built before the output folder was checked")
+
+    monkeypatch.setattr(dien_tutorial.cli, "_prepare", no_samples)
+    out = tmp_path / "run"
+    make(out)
+    assert D.main(["--preset", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and str(out) in err
+
+
+def test_output_check_creates_the_folder_and_leaves_nothing_in_it(tmp_path):
+    out = tmp_path / "a" / "b"
+    D.check_outputs(out)
+    assert out.is_dir() and list(out.iterdir()) == []
+    (out / "model.pt").write_bytes(b"an old run")  # an old file is fine: it gets replaced
+    D.check_outputs(out)
+    with pytest.raises(OSError, match="cannot create --out .*: Not a directory"):
+        D.check_outputs(out / "model.pt" / "sub")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_metrics_json_gets_the_mode_of_a_normal_new_file(tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        D._write_json(tmp_path / "metrics.json", {"test_auc": 0.5})
+    finally:
+        os.umask(before)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == mode
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"test_auc": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_threads_must_be_a_positive_integer(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        D.main(["--threads", value, "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert "argument --threads: expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -305,3 +306,137 @@ def test_random_inputs_follow_the_batch_contract():
     valid = torch.arange(5) < inputs["length"].unsqueeze(1)
     assert bool((inputs["hist_item"][~valid] == 0).all()) and bool((inputs["hist_item"][valid] >= 1).all())
     assert random_inputs(config, 1, 2)["length"].tolist() == [2]
+
+
+# ---------------------------------------------------------------------- #
+# Checkpoints that must not be exported, and outputs that must not be written
+# ---------------------------------------------------------------------- #
+def _folder_listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("how", ["same-path", "dotdot-path", "symlink", "hard-link"])
+def test_out_that_is_the_checkpoint_itself_is_refused(how, checkpoint, tmp_path, capsys):
+    before = checkpoint.read_bytes()
+    (tmp_path / "sub").mkdir()
+    out = {"same-path": lambda: checkpoint,
+           "dotdot-path": lambda: tmp_path / "sub" / ".." / checkpoint.name,
+           "symlink": lambda: (tmp_path / "link.onnx").symlink_to(checkpoint) or tmp_path / "link.onnx",
+           "hard-link": lambda: (tmp_path / "hard.onnx").hardlink_to(checkpoint) or tmp_path / "hard.onnx"}[how]()
+    with pytest.raises(ValueError, match="is the checkpoint .* itself: writing the ONNX file there would "
+                                         "destroy the checkpoint"):
+        export_checkpoint(checkpoint, out)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "choose another path, e.g. " + str(checkpoint.with_suffix(".onnx")) in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+
+
+def test_out_that_is_a_folder_is_refused(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder: give the path of the \.onnx file to write"):
+        export_checkpoint(checkpoint, tmp_path)
+
+
+def _save_raw(path, **fields):
+    """A checkpoint dict as save_checkpoint writes it, with some fields replaced."""
+    model = tiny_model("dien", "augru")
+    state = {"format": 1, "model_name": "dien", "model_config": model.config.to_dict(),
+             "model_state": model.state_dict(), "optimizer_state": None, "extra": {}}
+    state.update(fields)
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model_config": None}, "the field 'model_config' must be a dict of DIENConfig fields, got NoneType"),
+    ({"model_config": [1, 2]}, "the field 'model_config' must be a dict of DIENConfig fields, got list"),
+    ({"model_state": None}, "the field 'model_state' must be a dict of weight tensors, got NoneType"),
+    ({"model_state": {}}, "the field 'model_state' must be a dict of weight tensors, got an empty dict"),
+    ({"model_name": ["dien"]}, "the field 'model_name' must be a string such as 'dien', got a list"),
+], ids=["config-None", "config-list", "state-None", "state-empty", "name-list"])
+def test_checkpoint_field_of_the_wrong_type_exits_2_naming_it(fields, message, tmp_path, capsys):
+    path = _save_raw(tmp_path / "model.pt", **fields)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        export_checkpoint(path, tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+    assert _folder_listing(tmp_path) == ["model.pt"]
+
+
+def test_config_with_an_absurd_vocabulary_is_named_without_allocating_it(tmp_path, monkeypatch):
+    model = tiny_model("dien", "augru")
+    config = {**model.config.to_dict(), "n_items": 2**40}  # 2**40 x 4 float32 = 16 TiB if built
+    path = _save_raw(tmp_path / "model.pt", model_config=config)
+
+    def no_real_model(*args, **kwargs):
+        raise AssertionError("a model was built on a real device before the shapes were checked")
+
+    import dien_tutorial.model
+
+    real_build = dien_tutorial.model.build_model
+
+    def build_on_meta_only(name, cfg):
+        if torch.empty(0).device.type != "meta":
+            no_real_model()
+        return real_build(name, cfg)
+
+    monkeypatch.setattr(dien_tutorial.model, "build_model", build_on_meta_only)
+    n_items = model.config.n_items
+    with pytest.raises(ValueError, match=(
+            rf"model_state\['embedding.item.weight'\] has shape \[{n_items:,}, 4\], but model_config asks "
+            r"for \[1,099,511,627,776, 4\]; axis 0 follows model_config's n_items = 1,099,511,627,776")):
+        export_checkpoint(path, tmp_path / "m.onnx")
+    assert _folder_listing(tmp_path) == ["model.pt"]
+
+
+def test_weights_that_disagree_with_the_config_name_the_tensor_and_field(tmp_path):
+    model = tiny_model("dien", "augru")
+    weights = dict(model.state_dict())
+    weights["evolving.cell.weight_hh"] = torch.zeros(12, 4)  # the config's hidden is 8: [24, 8]
+    path = _save_raw(tmp_path / "model.pt", model_state=weights)
+    with pytest.raises(ValueError, match=(
+            r"model_state\['evolving.cell.weight_hh'\] has shape \[12, 4\], but model_config asks for \[24, 8\]; "
+            r"axis 0 follows model_config's (.* or )?3 x hidden = 3 x 8")):  # n_cates is 8 as well
+        export_checkpoint(path, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(value, tmp_path, capsys):
+    model = tiny_model("dien", "augru")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["attention.first.bias"][3] = value
+    path = _save_raw(tmp_path / "model.pt", model_state=weights)
+    message = (f"{path}: model_state['attention.first.bias'] holds 1 NaN or infinite value(s) of 8: the "
+               "training diverged or the file is damaged")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        export_checkpoint(path, tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert _folder_listing(tmp_path) == ["model.pt"]
+
+
+def test_a_file_that_fails_parity_is_never_left_at_out(checkpoint, tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    out = folder / "model.onnx"
+    out.write_bytes(b"the previous, verified export")
+    with pytest.raises(ExportError, match=r"model\.onnx not written: ONNX Runtime differs from PyTorch by more "
+                                          r"than -1:\n  batch"):
+        export_checkpoint(checkpoint, out, max_len=4, atol=-1.0, batches=(2,), latency_batches=())
+    assert out.read_bytes() == b"the previous, verified export"  # untouched
+    assert _folder_listing(folder) == ["model.onnx"]  # and no temporary file left behind
+    fresh = folder / "fresh.onnx"
+    with pytest.raises(ExportError, match="fresh.onnx not written"):
+        export_checkpoint(checkpoint, fresh, max_len=4, atol=-1.0, batches=(2,), latency_batches=())
+    assert _folder_listing(folder) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_file_gets_the_mode_of_a_normal_new_file(checkpoint, tmp_path, umask, mode):
+    before = os.umask(umask)
+    try:
+        report = export_checkpoint(checkpoint, tmp_path / "out" / "m.onnx", max_len=4, batches=(2,),
+                                   latency_batches=())
+    finally:
+        os.umask(before)
+    assert report.path.stat().st_mode & 0o777 == mode
+    assert report.parity.ok and _folder_listing(tmp_path / "out") == ["m.onnx"]

@@ -5,7 +5,7 @@ Commands:
     train    train one model and write DIR/metrics.json and DIR/model.pt.
     compare  train DIEN and its three baselines on one split, several seeds.
     export   export a checkpoint to ONNX and check it against PyTorch.
-    assignments  write the student edition of the notebooks, or run notebooks and report their checks.
+    assignments  write the student edition of the notebooks, or grade notebooks with the released checks.
 """
 
 from __future__ import annotations

@@ -3,21 +3,24 @@
 The teacher's edition is ``notebooks/``: solutions between
 ``### BEGIN SOLUTION`` / ``### END SOLUTION`` and a check cell after each.
 These tests build the student edition into a temporary folder, check what
-it holds and what it no longer holds, run each of its notebooks once in a
-fresh kernel (every check must report FAILED, "not filled in", and no cell
-may raise), and feed the builder broken notebooks.
+it holds and what it no longer holds, grade it once (each notebook runs in
+a fresh kernel with the released check cells put back: every check must
+fail with "not filled in", and no other cell may raise), and feed the
+builder and the grader broken or tampered notebooks, mostly tiny hand-made
+ones that need no kernel.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from dien_tutorial import assignments
-from dien_tutorial.assignments import AssignmentError, build, execute_notebook, read_checks
+from dien_tutorial.assignments import AssignmentError, build, grade, read_checks
 from dien_tutorial.cli import main
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -90,9 +93,9 @@ def student(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def executed(student) -> dict[str, dict]:
-    """Every student notebook, run once top to bottom (about a minute for the four)."""
-    return {name: execute_notebook(student / name, timeout=120) for name in EXERCISES}
+def graded(student) -> dict[str, assignments.GradedNotebook]:
+    """The student edition as handed out, graded: each notebook run once (about a minute for the four)."""
+    return {g.name: g for g in grade(student, timeout=120)}
 
 
 # ---------------------------------------------------------------------- #
@@ -232,42 +235,55 @@ def test_build_a_chosen_notebook_by_number_stem_or_name(tmp_path):
 # The student edition runs, and every check says "not filled in"
 # ---------------------------------------------------------------------- #
 @pytest.mark.parametrize("name", EXERCISES)
-def test_student_notebook_runs_top_to_bottom_with_the_stubs(executed, name):
-    notebook = executed[name]
-    errors = [(i, _text(c)) for i, c in enumerate(notebook["cells"])
-              if any(o["output_type"] == "error" for o in c.get("outputs", []))]
-    assert errors == []
+def test_student_notebook_runs_top_to_bottom_with_the_stubs(graded, name):
+    """Graded as handed out: 0 points, and only the hidden line of each check cell raises.
+
+    The grader runs the student edition with the check cells put back as
+    released; they differ from the handed-out ones by the hidden line
+    only, so the edition students get runs with no error at all.
+    """
+    result = graded[name]
+    notebook = result.executed
     functions, check_ids = EXERCISES[name]
     checks = [c for c in notebook["cells"] if _nbgrader(c).get("grade")]
     assert [_nbgrader(c)["grade_id"] for c in checks] == list(check_ids)
+    for cell in checks:  # put back as released, hidden line included
+        assert "### BEGIN HIDDEN TESTS\nreport.raise_if_failed()" in _source(cell)
+    errors = [(i, o["ename"]) for i, c in enumerate(notebook["cells"]) for o in c.get("outputs", [])
+              if o["output_type"] == "error"]
+    assert [e for _, e in errors] == ["CheckFailed"] * len(check_ids)
+    assert {i for i, _ in errors} == {i for i, c in enumerate(notebook["cells"]) if _nbgrader(c).get("grade")}
     for cell, function in zip(checks, functions):
         text = _text(cell)
         assert text.startswith(f"FAILED {CHECK_OF[function]}: the solution is not filled in yet: {function} "
                                "raised NotImplementedError.")
-        assert "not filled in" in text
         assert f"Note: your {function} has not passed {CHECK_OF[function]} yet" in text
     # The cells after the checks ran with the package's versions, and got the book's results.
     assert DOWNSTREAM[name] in "".join(_text(c) for c in notebook["cells"] if c["cell_type"] == "code")
-    graded = read_checks(notebook, name)
-    assert [r.status for r in graded.checks] == ["FAILED"] * len(check_ids)
-    assert sum(r.score for r in graded.checks) == 0 and graded.errors == ()
+    assert [(r.grade_id, r.points, r.status) for r in result.checks] == [
+        (g, p, "FAILED") for g, p in check_ids.items()]
+    assert all(r.detail.startswith(f"{CHECK_OF[f]}: the solution is not filled in yet")
+               for r, f in zip(result.checks, functions))
+    assert sum(r.score for r in result.checks) == 0 and result.errors == ()
 
 
 # ---------------------------------------------------------------------- #
 # Bad input: clear errors that name the notebook and the cell
 # ---------------------------------------------------------------------- #
-def _notebook(*cells: tuple[str, str, dict | None]) -> dict:
-    """A small notebook from (cell_type, source, nbgrader metadata or None)."""
+def _notebook(*cells: tuple[str, str, dict | None], minor: int = 5) -> dict:
+    """A small notebook from (cell_type, source, nbgrader metadata or None); no cell ids before nbformat 4.5."""
     out = []
     for k, (kind, source, meta) in enumerate(cells):
         cell = {"cell_type": kind, "id": f"c{k}", "metadata": {"nbgrader": meta} if meta else {},
                 "source": source}
+        if minor < 5:
+            del cell["id"]
         if kind == "code":
             cell.update(outputs=[], execution_count=None)
         out.append(cell)
     return {"cells": out, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                       "language": "python"}},
-            "nbformat": 4, "nbformat_minor": 5}
+            "nbformat": 4, "nbformat_minor": minor}
 
 
 SOLUTION = {"grade": False, "grade_id": "ex", "locked": False, "schema_version": 3, "solution": True}
@@ -314,8 +330,35 @@ def _source_dir(tmp_path: Path, notebook: dict, name: str = "01_demo.ipynb") -> 
      "cell 2 (code, id c1): an nbgrader solution cell without '### BEGIN SOLUTION'"),
     ([("code", GOOD, SOLUTION), ("code", "### BEGIN HIDDEN TESTS\nassert f(1) == 2\n### END HIDDEN TESTS", None)],
      'cell 3 (code, id c2): hidden tests in a cell without nbgrader metadata "grade": true'),
+    ([("code", "def f(x):\n    ### BEGIN SOLUTION\n    ### END SOLUTION", SOLUTION)],
+     "cell 2 (code, id c1): the teacher's code does not compile (IndentationError"),
+    ([("code", GOOD, SOLUTION), ("code", "if True:\n### BEGIN HIDDEN TESTS\n    assert f(1) == 2\n"
+                                         "### END HIDDEN TESTS", GRADED)],
+     "cell 3 (code, id c2): the student edition of this cell does not compile (IndentationError: expected an "
+     "indented block after 'if' statement on line 1"),
+    ([("code", GOOD, SOLUTION), ("code", "x = (1,", None)],
+     "cell 3 (code, id c2): this cell does not compile (SyntaxError: '(' was never closed, line 1)"),
+    ([("code", GOOD, {**SOLUTION, "solution": "false"})],
+     'cell 2 (code, id c1): nbgrader "solution" is \'false\'; it must be true or false'),
+    ([("code", GOOD, SOLUTION), ("code", "assert f(1) == 2", {**GRADED, "points": "lots"})],
+     'cell 3 (code, id c2): nbgrader "points" is \'lots\'; a graded cell needs a number of 0 or more'),
+    ([("code", GOOD, SOLUTION), ("code", "assert f(1) == 2", {**GRADED, "points": True})],
+     'nbgrader "points" is True'),
+    ([("code", GOOD, SOLUTION), ("code", "assert f(1) == 2", {**GRADED, "grade_id": "ex"})],
+     "cell 3 (code, id c2): grade_id 'ex' is also the grade_id of cell 2; each must be unique in a notebook"),
+    ([("code", GOOD, SOLUTION),
+      ("code", "assert f(1) == 2", {k: v for k, v in GRADED.items() if k != "grade_id"})],
+     'cell 3 (code, id c2): an nbgrader graded cell without a "grade_id"'),
+    ([("code", GOOD, {k: v for k, v in SOLUTION.items() if k != "grade_id"})],
+     'cell 2 (code, id c1): an nbgrader solution cell without a "grade_id"'),
+    ([("code", GOOD, SOLUTION), ("markdown", "### BEGIN SOLUTION\nanswer\n### END SOLUTION",
+                                 {**SOLUTION, "grade_id": "md"})],
+     "cell 3 (markdown, id c2), line 1: '### BEGIN SOLUTION': markers belong in code cells only"),
 ], ids=["no-end", "no-begin", "nested", "hidden-in-solution", "mismatched-end", "markdown", "misspelt",
-        "not-alone", "top-level", "top-level-if", "no-metadata", "metadata-no-markers", "hidden-not-graded"])
+        "not-alone", "top-level", "top-level-if", "no-metadata", "metadata-no-markers", "hidden-not-graded",
+        "empty-region", "student-cell-does-not-compile", "teacher-cell-does-not-compile", "solution-as-text",
+        "points-as-text", "points-bool", "duplicate-grade-id", "graded-without-grade-id",
+        "solution-without-grade-id", "marker-in-markdown-answer"])
 def test_bad_markers_name_the_notebook_cell_and_line(tmp_path, cells, message):
     notebook = _notebook(("markdown", "# 1. Demo", None), *cells)
     folder = _source_dir(tmp_path, notebook)
@@ -383,28 +426,332 @@ def test_requested_notebooks_must_exist_and_hold_markers(tmp_path, capsys):
     assert "02_plain.ipynb has no '### BEGIN SOLUTION' markers" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda nb: nb["cells"].insert(1, None), "01_demo.ipynb, cell 2: null, not a JSON object"),
+    (lambda nb: nb["cells"].insert(1, "text ### BEGIN SOLUTION"),
+     "01_demo.ipynb, cell 2: a string, not a JSON object"),
+    (lambda nb: nb["cells"][1].update(metadata=[]),
+     'cell 2 (code, id c1): its "metadata" is a list, not a JSON object'),
+    (lambda nb: nb["cells"][1].update(source=5), 'cell 2 (code, id c1): its "source" is a number: it must be'),
+    (lambda nb: nb["cells"][1].update(source=[1, 2]), 'its "source" is a list with items that are not text'),
+    (lambda nb: nb["cells"][1]["metadata"].update(nbgrader="solution"),
+     "cell 2 (code, id c1): its nbgrader metadata is a string, not a JSON object"),
+    (lambda nb: nb["cells"][1].update(cell_type="Code"),
+     "cell 2: cell_type 'Code' is not one of code, markdown, raw"),
+    (lambda nb: nb.update(cells={}), "01_demo.ipynb: not an nbformat 4 notebook"),
+    (lambda nb: nb.update(nbformat=3, worksheets=[{"cells": nb.pop("cells")}]),
+     "01_demo.ipynb: not an nbformat 4 notebook"),
+    (lambda nb: nb.update(nbformat_minor="5"), "01_demo.ipynb: \"nbformat_minor\" is '5', not a whole number"),
+], ids=["null-cell", "string-cell", "metadata-list", "source-int", "source-ints", "nbgrader-string",
+        "cell-type", "cells-not-list", "nbformat-3", "minor-text"])
+def test_malformed_notebooks_give_one_line_errors(tmp_path, capsys, change, message):
+    """Malformed JSON structure: one line naming the notebook and cell, exit 2, nothing written, no traceback."""
+    notebook = _notebook(("markdown", "# 1. Demo", None), ("code", GOOD, SOLUTION))
+    change(notebook)
+    folder = _source_dir(tmp_path, notebook)
+    assert main(["assignments", "build", "--out", str(tmp_path / "out"), "--source", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("code", "stub"), [
+    # The marker indented less, and the END more, than the code: the stub follows the code.
+    ("def f(x):\n  ### BEGIN SOLUTION\n    return 2 * x\n        ### END SOLUTION",
+     "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError(\"write f (see the text above)\")"),
+    ("def f(x):\n### BEGIN SOLUTION\n    y = 2 * x\n    return y\n### END SOLUTION",
+     "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError(\"write f (see the text above)\")"),
+    # A signature over several lines, a docstring with a line at column 0, tabs, Windows line ends.
+    ("def f(\n    x,\n    y=1,\n):\n    \"\"\"Doc\nat column 0.\n    \"\"\"\n    ### BEGIN SOLUTION\n    return x\n"
+     "    ### END SOLUTION",
+     "def f(\n    x,\n    y=1,\n):\n    \"\"\"Doc\nat column 0.\n    \"\"\"\n    # YOUR CODE HERE\n"
+     "    raise NotImplementedError(\"write f (see the text above)\")"),
+    ("def f(x):\n\t### BEGIN SOLUTION\n\treturn x\n\t### END SOLUTION",
+     "def f(x):\n\t# YOUR CODE HERE\n\traise NotImplementedError(\"write f (see the text above)\")"),
+    ("def f(x):\r\n    ### BEGIN SOLUTION\r\n    return x\r\n    ### END SOLUTION\r\n",
+     "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError(\"write f (see the text above)\")\n"),
+    # IPython syntax in the cell, and a decorated async function.
+    ("%load_ext autoreload\n@staticmethod\nasync def f(x):\n    ### BEGIN SOLUTION\n    !echo hi\n"
+     "    return x\n    ### END SOLUTION",
+     "%load_ext autoreload\n@staticmethod\nasync def f(x):\n    # YOUR CODE HERE\n"
+     "    raise NotImplementedError(\"write f (see the text above)\")"),
+], ids=["marker-less-indented", "marker-at-column-0", "multiline-signature", "tabs", "crlf", "ipython"])
+def test_stub_is_indented_like_the_code_and_compiles(tmp_path, code, stub):
+    folder = _source_dir(tmp_path, _notebook(("markdown", "# 1. Demo", None), ("code", code, SOLUTION)))
+    built = build(tmp_path / "out", folder)
+    assert built[0].functions == ("f",)
+    assert _source(_read(built[0].path)["cells"][2]) == stub
+
+
+def test_text_answer_cells_become_a_placeholder(tmp_path, capsys):
+    """A markdown cell with nbgrader "solution": true keeps no answer, as in nbgrader's student version."""
+    answer = {"grade": True, "grade_id": "why", "locked": False, "points": 2, "schema_version": 3, "solution": True}
+    notebook = _notebook(("markdown", "# 1. Demo", None), ("markdown", "Why does the gate matter?", None),
+                         ("markdown", "Because SECRET_ANSWER.", answer))
+    notebook["cells"][2]["attachments"] = {"a.png": {"image/png": "SECRET_IMAGE"}}
+    folder = _source_dir(tmp_path, notebook)
+    assert main(["assignments", "build", "--out", str(tmp_path / "out"), "--source", str(folder)]) == 0
+    assert "01_demo.ipynb: answer 1 question (0 check cells)" in capsys.readouterr().out
+    text = (tmp_path / "out" / "01_demo.ipynb").read_text()
+    assert "SECRET" not in text
+    cells = _read(tmp_path / "out" / "01_demo.ipynb")["cells"]
+    assert _source(cells[3]) == "YOUR ANSWER HERE" and _nbgrader(cells[3]) == answer
+    assert "YOUR ANSWER HERE" in _source(cells[1]) and cells[1]["id"] == assignments.NOTE_ID
+
+
+def test_note_cell_ids_follow_the_notebook_version(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    old = _notebook(("markdown", "# 1. Demo", None), ("code", GOOD, SOLUTION), minor=4)
+    taken = _notebook(("markdown", "# 2. Demo", None), ("code", GOOD, SOLUTION),
+                      ("markdown", "text", None))
+    taken["cells"][2]["id"] = assignments.NOTE_ID
+    folder = _source_dir(tmp_path, old)
+    _source_dir(tmp_path, taken, "02_demo.ipynb")
+    build(tmp_path / "out", folder)
+    cells = _read(tmp_path / "out" / "01_demo.ipynb")["cells"]
+    assert _source(cells[1]).startswith("**Student edition.**") and all("id" not in c for c in cells)
+    cells = _read(tmp_path / "out" / "02_demo.ipynb")["cells"]
+    assert [c["id"] for c in cells] == ["c0", assignments.NOTE_ID + "-2", "c1", assignments.NOTE_ID]
+    for name in ("01_demo.ipynb", "02_demo.ipynb"):
+        nbformat.validate(nbformat.reads((tmp_path / "out" / name).read_text(), as_version=4))
+
+
+def test_links_in_the_output_folder_are_never_written_through(tmp_path, capsys):
+    folder = _source_dir(tmp_path, _notebook(("markdown", "# 1. Demo", None), ("code", GOOD, SOLUTION)))
+    source = folder / "01_demo.ipynb"
+    before = source.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "01_demo.ipynb").symlink_to(source)
+    with pytest.raises(AssignmentError, match=r"refusing to write .*01_demo.ipynb: it is a symbolic link"):
+        build(out, folder)
+    (out / "01_demo.ipynb").unlink()
+    os.link(source, out / "01_demo.ipynb")
+    assert main(["assignments", "build", "--out", str(out), "--source", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write {out / '01_demo.ipynb'}: it is the source notebook {source} under another name " \
+           "(a hard link)" in err
+    (out / "01_demo.ipynb").unlink()
+    (out / "01_demo.ipynb").mkdir()
+    with pytest.raises(AssignmentError, match="exists and is not a file"):
+        build(out, folder)
+    assert source.read_bytes() == before
+    # A hard link to some other file is replaced by the new notebook, the other file stays as it was.
+    (out / "01_demo.ipynb").rmdir()
+    other = tmp_path / "other.ipynb"
+    other.write_text("other")
+    os.link(other, out / "01_demo.ipynb")
+    build(out, folder)
+    assert other.read_text() == "other" and "YOUR CODE HERE" in (out / "01_demo.ipynb").read_text()
+    assert source.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["01_demo.ipynb"]
+
+
+def test_a_failed_write_names_what_was_written(tmp_path, monkeypatch):
+    folder = _source_dir(tmp_path, _notebook(("markdown", "# 1. Demo", None), ("code", GOOD, SOLUTION)))
+    _source_dir(tmp_path, _notebook(("markdown", "# 2. Demo", None), ("code", GOOD, SOLUTION)), "02_demo.ipynb")
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("02_demo.ipynb"):
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(assignments.os, "replace", failing)
+    out = tmp_path / "out"
+    with pytest.raises(AssignmentError) as caught:
+        build(out, folder)
+    assert str(caught.value) == (f"cannot write {out / '02_demo.ipynb'}: No space left on device; written before "
+                                 f"it: {out / '01_demo.ipynb'}; the others were not")
+    assert sorted(p.name for p in out.iterdir()) == ["01_demo.ipynb"]  # no temporary file left behind
+
+
+def test_build_reports_notebooks_it_did_not_write(tmp_path, capsys):
+    folder = _source_dir(tmp_path, _notebook(("markdown", "# 1. Demo", None), ("code", GOOD, SOLUTION)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "07_old.ipynb").write_text("{}")
+    assert main(["assignments", "build", "--out", str(out), "--source", str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == (f"note: {out / '07_old.ipynb'} was not written by this build and is left as it is "
+                         "(delete it if it is out of date)")
+    assert (out / "07_old.ipynb").read_text() == "{}"
+
+
 # ---------------------------------------------------------------------- #
-# assignments check: run a folder of notebooks, report every check
+# assignments check: the released checks, and a verdict by raising
 # ---------------------------------------------------------------------- #
-def test_check_command_reports_each_check_and_the_total(tmp_path, capsys):
-    imports = "from dien_tutorial.checks import check_masked_softmax, reference_masked_softmax"
-    passing = "print(check_masked_softmax(reference_masked_softmax))"
-    stub = ("def mine(scores, mask):\n    raise NotImplementedError\n\n\nprint(check_masked_softmax(mine))")
-    notebook = _notebook(("markdown", "# 1. Demo", None), ("code", imports, None),
-                         ("code", passing, {**GRADED, "grade_id": "a", "points": 1}),
-                         ("code", stub, {**GRADED, "grade_id": "b", "points": 2}),
-                         ("code", "1 / 0", None),
-                         ("code", "x = 1", {**GRADED, "grade_id": "c", "points": 1}))
-    folder = tmp_path / "submission"
-    folder.mkdir()
-    (folder / "01_demo.ipynb").write_text(json.dumps(notebook))
-    assert main(["assignments", "check", str(folder), "--timeout", "60"]) == 1
+DOUBLE = "def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION"
+CHECK = ('ok = double(3) == 6\nprint("PASSED check_double: verified:" if ok else "FAILED check_double")\n'
+         '### BEGIN HIDDEN TESTS\nassert ok, "double(3) is not 6"\n### END HIDDEN TESTS')
+
+
+def _released(*checks: tuple[str, str, float]) -> dict:
+    """A teacher's notebook: ``double`` to write, then check cells (grade_id, source, points)."""
+    return _notebook(("markdown", "# Demo", None), ("code", DOUBLE, {**SOLUTION, "grade_id": "double"}),
+                     *[("code", code, {**GRADED, "grade_id": gid, "points": pts}) for gid, code, pts in checks])
+
+
+def test_prepare_submission_puts_back_the_released_check_cells():
+    released = _released(("a", CHECK, 2), ("b", "assert double(0) == 0", 1), ("c", "assert double(1) == 2", 1))
+    checks = assignments.released_checks(released, "01_demo.ipynb")
+    submitted = _notebook(
+        ("markdown", "# Demo", None),
+        ("code", "def double(x):\n    print('PASSED check_double: verified:')", {**SOLUTION, "grade_id": "double"}),
+        ("markdown", "print('PASSED')", {"grade_id": "a", "schema_version": 3}),  # check a: type and flags changed
+        ("code", "pass", {**GRADED, "grade_id": "b"}),
+        ("code", "pass", {**GRADED, "grade_id": "b"}),  # b twice, c deleted
+        ("code", "print('mine')", {**GRADED, "grade_id": "extra"}))
+    submitted["cells"][3]["metadata"]["tags"] = ["skip-execution"]
+    submitted["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "PASSED check_double"}]
+    prepared = assignments.prepare_submission(submitted, checks)
+    cells = prepared.notebook["cells"]
+    assert prepared.positions == {"a": [2], "b": [3, 4], "c": []}
+    for index, grade_id in ((2, "a"), (3, "b"), (4, "b")):
+        teacher = next(c for c in released["cells"] if _nbgrader(c).get("grade_id") == grade_id)
+        assert cells[index]["cell_type"] == "code" and cells[index]["source"] == teacher["source"]
+        assert cells[index]["metadata"] == teacher["metadata"]  # no skip-execution tag, grade: true again
+    assert "### BEGIN HIDDEN TESTS\nassert ok" in cells[2]["source"]
+    assert cells[1]["source"] == _source(submitted["cells"][1]) and cells[1]["outputs"] == []
+    assert prepared.errors == ["cell 6: graded cell 'extra' is not a check of the released notebook; it was run "
+                               "but not scored"]
+    with pytest.raises(AssignmentError, match="not an nbformat 4 notebook"):
+        assignments.prepare_submission({"nbformat": 3, "worksheets": []}, checks)
+
+
+def test_grade_notebook_scores_by_whether_the_check_cell_raised(tmp_path, monkeypatch):
+    """Printed text decides nothing: a cell that prints PASSED and raises scores 0, one that raises nothing
+    scores its points; missing, repeated and unrun checks score 0. The kernel is replaced by a stand-in."""
+    released = _released(("a", CHECK, 2), ("b", CHECK, 1), ("c", CHECK, 1), ("d", CHECK, 1), ("e", CHECK, 1),
+                          ("f", CHECK, 1))
+    released["cells"].append({"cell_type": "markdown", "id": "m", "source": "answer", "metadata": {"nbgrader": {
+        "grade": True, "grade_id": "m", "locked": False, "points": 3, "schema_version": 3, "solution": True}}})
+    checks = assignments.released_checks(released, "01_demo.ipynb")
+    submitted = json.loads(json.dumps(released))
+    del submitted["cells"][4]  # check c deleted
+    submitted["cells"].insert(4, json.loads(json.dumps(submitted["cells"][3])))  # check b twice
+    submitted["cells"].append({"cell_type": "code", "id": "z", "metadata": {}, "source": "1 / 0", "outputs": [],
+                               "execution_count": None})
+    path = tmp_path / "01_demo.ipynb"
+    path.write_text(json.dumps(submitted))
+    stream = {"output_type": "stream", "name": "stdout", "text": "PASSED check_double: verified:\n  - one\n  - two\n"}
+
+    def error(name, value):
+        return {"output_type": "error", "ename": name, "evalue": value, "traceback": []}
+
+    def fake_run(notebook, folder, timeout):
+        cells = notebook["cells"]
+        index = {_nbgrader(c).get("grade_id"): i for i, c in enumerate(cells)}
+        cells[index["a"]]["outputs"] = [stream, error("CheckFailed", "FAILED check_double: wrong\nmore")]
+        cells[index["d"]]["outputs"] = [stream]
+        cells[index["e"]]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hello"},
+                                        error("NameError", "name 'double' is not defined")]
+        cells[-1]["outputs"] = [error("ZeroDivisionError", "division by zero")]
+        replies = {i: "ok" for i in range(len(cells)) if cells[i]["cell_type"] == "code"}
+        replies.update({index["a"]: "error", index["e"]: "error", len(cells) - 1: "error"})
+        del replies[index["f"]]
+        return notebook, replies, "the run stopped at cell 8: CellTimeoutError: A cell timed out"
+
+    monkeypatch.setattr(assignments, "_run", fake_run)
+    graded = assignments.grade_notebook(path, checks, timeout=5)
+    assert [(r.grade_id, r.score, r.points, r.status, r.detail) for r in graded.checks] == [
+        ("a", 0, 2, "FAILED", "check_double: wrong"),
+        ("b", 0, 1, "DUPLICATE", "cells 4, 5 all carry this grade_id; a check counts once only"),
+        ("c", 0, 1, "MISSING", "no cell with this grade_id in the submission (deleted?)"),
+        ("d", 1, 1, "PASSED", "check_double: 2 properties verified"),
+        ("e", 0, 1, "ERROR", "NameError: name 'double' is not defined"),
+        ("f", 0, 1, "NOT RUN", "the run stopped before this cell"),
+        ("m", 0, 3, "MANUAL", "graded by hand, not here"),
+    ]
+    assert graded.errors == ("cell 10: ZeroDivisionError: division by zero",
+                             "the run stopped at cell 8: CellTimeoutError: A cell timed out")
+
+
+def test_read_checks_needs_a_run_and_no_error():
+    """Saved notebooks: a check cell that never ran, or shows an error, has not passed, whatever it printed."""
+    notebook = _released(("a", CHECK, 2), ("b", CHECK, 1), ("c", CHECK, 1))
+    printed = [{"output_type": "stream", "name": "stdout", "text": "PASSED check_double: verified:\n"}]
+    notebook["cells"][2].update(execution_count=1, outputs=printed)
+    notebook["cells"][3].update(execution_count=None, outputs=printed)
+    notebook["cells"][4].update(execution_count=2, outputs=printed + [
+        {"output_type": "error", "ename": "AssertionError", "evalue": "double(3) is not 6", "traceback": []}])
+    graded = read_checks(notebook, "01_demo.ipynb")
+    assert [(r.grade_id, r.status, r.score) for r in graded.checks] == [
+        ("a", "PASSED", 2), ("b", "NOT RUN", 0), ("c", "ERROR", 0)]
+
+
+def test_check_command_grades_against_the_released_checks(tmp_path, capsys):
+    """End to end, in real kernels: a faked check, a good notebook, unreadable, dead and timed-out ones."""
+    source = tmp_path / "src"
+    source.mkdir()
+    names = ["01_spoof", "02_good", "03_broken", "04_dies", "05_slow", "06_missing"]
+    for k, name in enumerate(names):
+        checks = [("a", CHECK, 2), ("b", "assert double(0) == 0", 1)] if k == 0 else [(f"c{k}", CHECK, 1)]
+        (source / f"{name}.ipynb").write_text(json.dumps(_released(*checks)))
+    submission = tmp_path / "alice"
+    build(submission, source)
+
+    def edit(name, change):
+        notebook = _read(submission / f"{name}.ipynb")
+        change(notebook["cells"])
+        (submission / f"{name}.ipynb").write_text(json.dumps(notebook))
+
+    def spoof(cells):  # a function that prints a report, the check cell edited, another deleted, one added
+        cells[2]["source"] = 'def double(x):\n    print("PASSED check_double: verified:")\n    return 0'
+        cells[3]["source"] = 'print("PASSED check_double: verified:")'
+        del cells[4]
+        cells.append({**cells[3], "id": "mine", "metadata": {"nbgrader": {**GRADED, "grade_id": "mine"}}})
+
+    edit("01_spoof", spoof)
+    edit("02_good", lambda cells: (cells[2].update(source="def double(x):\n    return x + x"),
+                                   cells.append({**cells[3], "id": "z", "metadata": {}, "source": "1 / 0"})))
+    (submission / "03_broken.ipynb").write_text("{not json")
+    edit("04_dies", lambda cells: cells.insert(3, {**cells[3], "id": "x", "metadata": {},
+                                                    "source": "import os\nos._exit(1)"}))
+    edit("05_slow", lambda cells: cells.insert(3, {**cells[3], "id": "x", "metadata": {},
+                                                    "source": "import time\ntime.sleep(60)"}))
+    (submission / "06_missing.ipynb").unlink()
+    (submission / "notes.ipynb").write_text("{}")
+    assert main(["assignments", "check", str(submission), "--source", str(source), "--timeout", "5"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "01_demo.ipynb"
-    assert re.match(r"  a +1/1  PASSED +check_masked_softmax: 9 properties verified$", out[1])
-    assert re.match(r"  b +0/2  FAILED +check_masked_softmax: the solution is not filled in yet", out[2])
-    assert re.match(r"  c +0/1  NO REPORT +the cell printed no report", out[3])
-    assert out[4] == "  error in cell 5: ZeroDivisionError: division by zero"
-    assert out[-1] == "total: 1 of 4 points"
+    expected = [
+        "01_spoof.ipynb",
+        r"  a +0/2  ERROR +AssertionError: double\(3\) is not 6$",
+        r"  b +0/1  MISSING +no cell with this grade_id in the submission \(deleted\?\)$",
+        r"  error: cell 5: graded cell 'mine' is not a check of the released notebook; it was run but not scored$",
+        "02_good.ipynb",
+        r"  c1 +1/1  PASSED +check_double: 0 properties verified$",
+        r"  error: cell 5: ZeroDivisionError: division by zero$",
+        "03_broken.ipynb",
+        r"  c2 +0/1  NOT RUN +the notebook could not be run$",
+        r"  error: cannot be graded: cannot read the notebook: Expecting property name",
+        "04_dies.ipynb",
+        r"  c3 +0/1  NOT RUN +the run stopped before this cell$",
+        r"  error: the run stopped (at|after) cell 4: DeadKernelError",
+        "05_slow.ipynb",
+        r"  c4 +0/1  NOT RUN +the run stopped before this cell$",
+        r"  error: the run stopped at cell 4: CellTimeoutError",
+        "06_missing.ipynb",
+        r"  c5 +0/1  MISSING +the notebook is not in the submission$",
+        r"  error: the notebook is not in the submission$",
+        "notes.ipynb",
+        "  not graded: the released edition has no check cells in a notebook of this name",
+        "total: 1 of 8 points",
+    ]
+    assert len(out) == len(expected), out
+    for line, pattern in zip(out, expected):
+        assert re.match(pattern, line), (line, pattern)
+
+
+def test_check_needs_a_folder_of_notebooks_and_a_released_edition(tmp_path):
+    folder = tmp_path / "alice"
+    folder.mkdir()
     with pytest.raises(AssignmentError, match="no notebooks"):
-        assignments.grade(tmp_path / "submission" / "..")
+        grade(folder)
+    (folder / "01_demo.ipynb").write_text("{}")
+    with pytest.raises(AssignmentError, match="no notebooks folder at .*missing: pass --source"):
+        grade(folder, source=tmp_path / "missing")
+    plain = _source_dir(tmp_path, _notebook(("markdown", "# 1. Demo", None), ("code", "x = 1", None)))
+    with pytest.raises(AssignmentError, match="no notebook in .* has check cells"):
+        grade(folder, source=plain)
+    with pytest.raises(AssignmentError, match="01_demo.ipynb has no check cells"):
+        grade(folder, source=plain, notebooks=["1"])

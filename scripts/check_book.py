@@ -115,8 +115,12 @@ def check_page(name: str, dom: str, min_figures: int) -> list[str]:
         if "mjx-container" not in main:
             problems.append(f"{name}: no typeset math (MathJax did not run)")
     text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", " ", main, flags=re.S))
-    if re.search(r"\$\$|\\\(|\\\[", text):
+    # prose only: code blocks and inline code may hold dollars and braces legitimately
+    prose = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", main, flags=re.S))
+    if re.search(r"\$\$|\\\(|\\\[|\$\\[A-Za-z]", prose):
         problems.append(f"{name}: raw TeX left in the page text")
+    if re.search(r"\{glue:|\{include\}|\{doc\}", prose):
+        problems.append(f"{name}: an unresolved MyST role or directive in the page text")
     parser = _Images()
     parser.feed(main)
     figures = [s for s in parser.srcs if not s.startswith("data:") and "logo" not in s]

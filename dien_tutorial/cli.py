@@ -120,27 +120,9 @@ def _prepare(args: argparse.Namespace):
     return build_samples(log, max_len=args.max_len, seed=args.data_seed)
 
 
-def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
-               out_dir=None, log=print) -> dict:
-    import time
-    from pathlib import Path
-
-    from dien_tutorial.config import DIENConfig
-    from dien_tutorial.model import build_model
-    from dien_tutorial.train import TrainConfig, evaluate, fit, seed_everything
-
-    preset = getattr(DIENConfig, args.preset)
-    config = preset(n_items=len(samples.item_vocab), n_cates=len(samples.cate_vocab))
-    seed_everything(seed)
-    model = build_model(model_name, config)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       patience=args.patience, seed=seed, progress=not args.no_progress)
-    ckpt = Path(out_dir) / "model.pt" if out_dir is not None else None
-    t0 = time.perf_counter()
-    history = fit(model, samples.dataset("train"), samples.dataset("valid"), tcfg,
-                  checkpoint=ckpt, model_name=model_name, log=log)
-    wall = time.perf_counter() - t0
-    test = evaluate(model, samples.dataset("test"), tcfg.eval_batch_size)
+def run_record(args: argparse.Namespace, samples, model_name: str, seed: int, model, tcfg,
+               history, test: dict, wall: float) -> dict:
+    """The content of ``metrics.json`` for one trained model (also used by ``distributed``)."""
     import torch
 
     return {
@@ -164,6 +146,30 @@ def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
         "history": history.epochs,
         "data": {k: v for k, v in samples.stats().items() if not isinstance(v, dict)},
     }
+
+
+def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
+               out_dir=None, log=print) -> dict:
+    import time
+    from pathlib import Path
+
+    from dien_tutorial.config import DIENConfig
+    from dien_tutorial.model import build_model
+    from dien_tutorial.train import TrainConfig, evaluate, fit, seed_everything
+
+    preset = getattr(DIENConfig, args.preset)
+    config = preset(n_items=len(samples.item_vocab), n_cates=len(samples.cate_vocab))
+    seed_everything(seed)
+    model = build_model(model_name, config)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       patience=args.patience, seed=seed, progress=not args.no_progress)
+    ckpt = Path(out_dir) / "model.pt" if out_dir is not None else None
+    t0 = time.perf_counter()
+    history = fit(model, samples.dataset("train"), samples.dataset("valid"), tcfg,
+                  checkpoint=ckpt, model_name=model_name, log=log)
+    wall = time.perf_counter() - t0
+    test = evaluate(model, samples.dataset("test"), tcfg.eval_batch_size)
+    return run_record(args, samples, model_name, seed, model, tcfg, history, test, wall)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

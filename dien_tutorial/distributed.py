@@ -757,7 +757,7 @@ def run(args: argparse.Namespace, world: World) -> dict | None:
     Returns:
         The metrics on rank 0, None on the others.
     """
-    from dien_tutorial.cli import _prepare
+    from dien_tutorial.cli import _prepare, run_record
     from dien_tutorial.config import DIENConfig
     from dien_tutorial.model import build_model
 
@@ -792,28 +792,7 @@ def run(args: argparse.Namespace, world: World) -> dict | None:
     if not world.is_main:
         return None
     test = evaluate(_on_cpu(model), samples.dataset("test"), tcfg.eval_batch_size)
-    result = {
-        "model": args.model,
-        "source": args.source,
-        "test_auc": test["auc"],
-        "test_gauc": test["gauc"],
-        "test_logloss": test["logloss"],
-        "test_samples": test["samples"],
-        "train_samples_per_s": history.train_samples_per_s,
-        "epochs_run": len(history.epochs),
-        "best_epoch": history.best_epoch,
-        "best_valid_auc": history.best_valid_auc,
-        "stopped_early": history.stopped_early,
-        "wall_seconds": wall,
-        "seed": args.seed,
-        "data_seed": args.data_seed,
-        "threads": torch.get_num_threads(),
-        "train_config": vars(tcfg),
-        "model_config": model.config.to_dict(),
-        "history": history.epochs,
-        "data": {k: v for k, v in samples.stats().items() if not isinstance(v, dict)},
-        **info,
-    }
+    result = {**run_record(args, samples, args.model, args.seed, model, tcfg, history, test, wall), **info}
     _write_json(out / "metrics.json", result)
     return result
 

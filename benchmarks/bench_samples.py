@@ -90,6 +90,19 @@ def electronics_log(string_ids: bool):
     return log
 
 
+def time_build(log) -> tuple[float, object]:
+    """Seconds of one ``build_samples(log, max_len=MAX_LEN, seed=0)``, and its result."""
+    import warnings
+
+    from dien_tutorial.data.samples import build_samples
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        start = time.perf_counter()
+        samples = build_samples(log, max_len=MAX_LEN, seed=0)
+        return time.perf_counter() - start, samples
+
+
 def child_ours(kind: str) -> dict:
     """Time build_samples on the simulated log (``kind`` is "int" or "str" ids).
 
@@ -97,18 +110,11 @@ def child_ours(kind: str) -> dict:
     reading it from a file.
     """
     import gc
-    import warnings
-
-    from dien_tutorial.data.samples import build_samples
 
     log = electronics_log(kind == "str")
     gc.collect()
     rss_before = _rss_mb()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        start = time.perf_counter()
-        samples = build_samples(log, max_len=MAX_LEN, seed=0)
-        seconds = time.perf_counter() - start
+    seconds, samples = time_build(log)
     return {
         "seconds": seconds,
         "peak_mb": _peak_mb(),

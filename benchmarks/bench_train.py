@@ -427,23 +427,33 @@ def worker(kind: str, npz_path: str) -> None:
 
 
 class Worker:
-    """The parent's handle on one worker subprocess."""
+    """The parent's handle on one long-lived worker subprocess.
 
-    def __init__(self, python: Path, kind: str, npz: Path, log: Path) -> None:
-        self.kind = kind
+    The worker prints one ``MESSAGE`` line when it is ready and one answer
+    line per request read from its stdin; its stderr goes to ``log``.
+    ``run_all.py`` uses the same handle for its framework workers.
+    """
+
+    def __init__(self, argv: list[str], kind: str, name: str, log: Path) -> None:
+        self.kind = kind  # the worker's kind, as passed on its command line
+        self.name = name  # for messages
         self.log = log
         self.proc = subprocess.Popen(
-            [str(python), __file__, "--worker", kind, str(npz)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
             text=True, cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         self.info = self._answer()
+
+    @classmethod
+    def for_kind(cls, python: Path, kind: str, npz: Path, log: Path) -> "Worker":
+        """A worker of this script (``--worker KIND NPZ``)."""
+        return cls([str(python), __file__, "--worker", kind, str(npz)], kind, kind, log)
 
     def _answer(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(MESSAGE):
                 return json.loads(line[len(MESSAGE):])
-        raise RuntimeError(f"{self.kind} worker died ({self.proc.wait()}):\n"
+        raise RuntimeError(f"the {self.name} worker stopped (exit {self.proc.wait()}):\n"
                            + self.log.read_text()[-3000:])
 
     def ask(self, **request) -> dict:
@@ -453,9 +463,13 @@ class Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -583,8 +597,8 @@ def main() -> None:
               f"{data['item_vocab']:,} items, {data['cate_vocab']} categories", flush=True)
         sides = {}
         try:
-            sides["ours"] = Worker(Path(sys.executable), "ours", npz, Path(tmp) / "ours.log")
-            sides["rechub"] = Worker(BENCH_PYTHON, "rechub", npz, Path(tmp) / "rechub.log")
+            sides["ours"] = Worker.for_kind(Path(sys.executable), "ours", npz, Path(tmp) / "ours.log")
+            sides["rechub"] = Worker.for_kind(BENCH_PYTHON, "rechub", npz, Path(tmp) / "rechub.log")
             schedule = [("throughput", model, batch, steps, warmup, t)
                         for model, batch, steps, warmup in settings for t in threads]
             schedule += [("epoch", model, batch, None, 0, args.auc_threads) for model, batch in auc_settings]

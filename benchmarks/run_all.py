@@ -209,42 +209,6 @@ def write_arrays(samples, path: Path) -> None:
     np.savez(path, **arrays)
 
 
-class Worker:
-    """The parent's handle on one framework's worker process."""
-
-    def __init__(self, kind: str, python: Path, npz: Path, source: str, log: Path) -> None:
-        self.kind = kind
-        self.log = log
-        self.proc = subprocess.Popen(
-            [str(python), str(HERE / "bench_frameworks.py"), "--worker", kind, str(npz), source],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        self.info = self._answer()
-
-    def _answer(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(bf.MESSAGE):
-                return json.loads(line[len(bf.MESSAGE):])
-        raise RuntimeError(f"the {NAMES[self.kind]} worker stopped (exit {self.proc.wait()}): "
-                           + self.log.read_text()[-2000:])
-
-    def ask(self, **request) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self._answer()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-
-
 def deepctr_missing_reason() -> str | None:
     """Why DeepCTR-Torch cannot run in .venv-bench, or None if it is installed."""
     found = subprocess.run([str(BENCH_PYTHON), "-c", "import importlib.util as u, sys; "
@@ -275,7 +239,8 @@ def start_workers(npz: Path, source: str, workdir: Path, only_ours: bool) -> tup
                 continue
         python = Path(sys.executable) if kind == "ours" else BENCH_PYTHON
         try:
-            workers[kind] = Worker(kind, python, npz, source, workdir / f"{kind}.log")
+            workers[kind] = bt.Worker([str(python), str(HERE / "bench_frameworks.py"), "--worker", kind,
+                                       str(npz), source], kind, NAMES[kind], workdir / f"{kind}.log")
             say(f"  {NAMES[kind]} worker ready ({workers[kind].info.get('rss_mb', 0):.0f} MB)")
         except RuntimeError as err:
             missing[kind] = " ".join(str(err).split())[-600:]

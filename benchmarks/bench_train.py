@@ -477,24 +477,23 @@ class Worker:
 # ---------------------------------------------------------------------------
 
 
-def write_npz(path: Path) -> dict:
-    """Build the samples once and write both splits as dense padded arrays."""
+def samples_to_arrays(samples) -> dict:
+    """Both splits as dense arrays right-padded with 0 to ``MAX_LEN`` steps (int32).
+
+    Target and history ids, the aux-loss negatives, history lengths, labels,
+    ``<split>_item`` (for the workers' check that they read the same
+    samples) and ``order``, the order ``DienDataset.batches(shuffle=True,
+    seed=SHUFFLE_SEED)`` visits the training samples in.
+    """
     import numpy as np
 
-    from dien_tutorial.data.amazon import default_data_dir, load_toys_5core
-    from dien_tutorial.data.samples import build_samples
-
-    data_dir = default_data_dir()
-    if data_dir is None or not (data_dir / "amazon_toys_5core").is_dir():
-        sys.exit("the Amazon Toys 5-core data is missing (set DIEN_DATA_DIR)")
-    samples = build_samples(load_toys_5core(data_dir / "amazon_toys_5core"), max_len=MAX_LEN, seed=0)
     arrays = {"n_items": np.int64(len(samples.item_vocab)), "n_cates": np.int64(len(samples.cate_vocab))}
     for split in ("train", "test"):
         ds = samples.dataset(split)
         b = ds.batch(np.arange(len(ds)))  # every sample, padded to the split's longest history
         width = b.hist_item.shape[1]
 
-        def dense(t):  # right-pad to MAX_LEN with 0, int32 to halve the file
+        def dense(t):  # [N, width] -> [N, MAX_LEN]
             out = np.zeros((len(ds), MAX_LEN), dtype=np.int32)
             out[:, :width] = t.numpy()
             return out
@@ -506,11 +505,26 @@ def write_npz(path: Path) -> dict:
             f"{split}_hist_cate": dense(b.hist_cate),
             f"{split}_neg_hist_item": dense(b.neg_hist_item),
             f"{split}_neg_hist_cate": dense(b.neg_hist_cate),
+            f"{split}_length": b.length.numpy().astype(np.int32),
             f"{split}_label": b.label.numpy(),
-            f"{split}_item": ds.data.item,  # for the workers' check
+            f"{split}_item": ds.data.item,
         })
-    # The order DienDataset.batches(shuffle=True, seed=SHUFFLE_SEED) visits.
     arrays["order"] = np.random.default_rng(SHUFFLE_SEED).permutation(len(samples.splits["train"]))
+    return arrays
+
+
+def write_npz(path: Path) -> dict:
+    """Build the samples once and write both splits as dense padded arrays."""
+    import numpy as np
+
+    from dien_tutorial.data.amazon import default_data_dir, load_toys_5core
+    from dien_tutorial.data.samples import build_samples
+
+    data_dir = default_data_dir()
+    if data_dir is None or not (data_dir / "amazon_toys_5core").is_dir():
+        sys.exit("the Amazon Toys 5-core data is missing (set DIEN_DATA_DIR)")
+    samples = build_samples(load_toys_5core(data_dir / "amazon_toys_5core"), max_len=MAX_LEN, seed=0)
+    arrays = samples_to_arrays(samples)
     np.savez(path, **arrays)
     stats = samples.stats()
     return {key: stats[key] for key in ("train_samples", "test_samples", "item_vocab", "cate_vocab",

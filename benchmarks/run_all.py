@@ -177,36 +177,10 @@ def toys_available() -> bool:
 
 
 def write_arrays(samples, path: Path) -> None:
-    """Both splits as dense arrays right-padded to 50 steps, as ``bench_train.write_npz`` writes them.
-
-    Plus ``<split>_length``, the history lengths DeepCTR-Torch reads.
-    """
+    """Both splits as ``bench_train.samples_to_arrays`` makes them (DeepCTR-Torch also reads the lengths)."""
     import numpy as np
 
-    arrays = {"n_items": np.int64(len(samples.item_vocab)), "n_cates": np.int64(len(samples.cate_vocab))}
-    for split in ("train", "test"):
-        ds = samples.dataset(split)
-        b = ds.batch(np.arange(len(ds)))  # every sample, padded to the split's longest history
-        width = b.hist_item.shape[1]
-
-        def dense(t):  # [N, width] -> [N, MAX_LEN], int32
-            out = np.zeros((len(ds), bf.MAX_LEN), dtype=np.int32)
-            out[:, :width] = t.numpy()
-            return out
-
-        arrays.update({
-            f"{split}_target_item": b.item.numpy().astype(np.int32),
-            f"{split}_target_cate": b.cate.numpy().astype(np.int32),
-            f"{split}_hist_item": dense(b.hist_item),
-            f"{split}_hist_cate": dense(b.hist_cate),
-            f"{split}_neg_hist_item": dense(b.neg_hist_item),
-            f"{split}_neg_hist_cate": dense(b.neg_hist_cate),
-            f"{split}_length": b.length.numpy().astype(np.int32),
-            f"{split}_label": b.label.numpy(),
-            f"{split}_item": ds.data.item,  # for the workers' check
-        })
-    arrays["order"] = np.random.default_rng(bt.SHUFFLE_SEED).permutation(len(samples.splits["train"]))
-    np.savez(path, **arrays)
+    np.savez(path, **bt.samples_to_arrays(samples))
 
 
 def deepctr_missing_reason() -> str | None:

@@ -130,8 +130,10 @@ def _dice_reference(x, alpha, eps):
     return x * torch.addcmul(alpha, p, 1 - alpha)
 
 
+# With one row the variance is 0 and 1 / sqrt(eps) = 1e4 multiplies the
+# rounding of the normalisation, hence the looser float64 bound there.
 @pytest.mark.parametrize("batch,dtype,tol", [(256, torch.float32, 1e-6), (7, torch.float64, 1e-12),
-                                             (1, torch.float64, 1e-12)])
+                                             (1, torch.float64, 1e-10)])
 def test_dice_backward_equals_autograd(batch, dtype, tol):
     from dien_tutorial.layers import Dice
 

@@ -80,7 +80,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import io
 import os
@@ -212,16 +211,6 @@ def _kept_modes(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------- #
 # The scripted recurrence
 # ---------------------------------------------------------------------- #
-@functools.lru_cache(maxsize=None)
-def _script(fn: Callable[..., Tensor]) -> torch.jit.ScriptFunction:
-    with warnings.catch_warnings():
-        # Torch 2.13 marks torch.jit.script deprecated; it still works and the
-        # TorchScript exporter needs it. This warning, this call only.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
-                                category=DeprecationWarning)
-        return torch.jit.script(fn)
-
-
 @contextlib.contextmanager
 def _scripted_recurrence() -> Iterator[None]:
     """Make :class:`~dien_tutorial.layers.InterestEvolving` call a scripted loop.
@@ -231,7 +220,7 @@ def _scripted_recurrence() -> Iterator[None]:
     thread-safe: do not run the model in another thread while exporting.
     """
     eager = layers.evolve_interest
-    scripted = eager if isinstance(eager, torch.jit.ScriptFunction) else _script(eager)
+    scripted = eager if isinstance(eager, torch.jit.ScriptFunction) else layers.scripted(eager)
 
     def evolve_for_export(*args: Any, **kwargs: Any) -> Tensor:
         final = scripted(*args, **kwargs)  # [B, H]

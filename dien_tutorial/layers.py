@@ -414,7 +414,7 @@ def packed_gru_loop(
         [input_proj[:, : 2 * hidden] + bias_rz, bias_n.expand(input_proj.shape[0], hidden)], dim=1
     )  # [P, 3H]
     cand_in = input_proj[:, 2 * hidden:]  # [P, H]: W_in x + b_in
-    steps = _scripted(_packed_steps)
+    steps = scripted(_packed_steps)
     packed_states, final, recorded = steps(
         start, cand_in, sizes, weight_hh.t(), h0, step_scale, use_update_gate, record is not None
     )
@@ -435,7 +435,7 @@ def _packed_steps(
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """The loop of :func:`packed_gru_loop`, run as TorchScript.
 
-    Compiled with ``torch.jit.script`` (see :func:`_scripted`): the same
+    Compiled with ``torch.jit.script`` (see :func:`scripted`): the same
     operations, without the Python interpreter's overhead between them,
     which made the loop about a quarter faster on CPU. Annotated with
     ``typing`` names, which TorchScript reads.
@@ -505,8 +505,8 @@ def _packed_steps(
 
 
 @functools.lru_cache(maxsize=None)
-def _scripted(fn: Callable) -> Callable:
-    """``torch.jit.script(fn)``, compiled once.
+def scripted(fn: Callable) -> Callable:
+    """``torch.jit.script(fn)``, compiled once per function.
 
     Torch 2.13 marks ``torch.jit.script`` deprecated; it still works, and
     both the training loops here and ONNX export (:mod:`dien_tutorial.export`)
@@ -640,7 +640,7 @@ class PackedGRUFunction(torch.autograd.Function):
         # n_t rows of step t-1 (same users, same sorted order). The
         # products coef * G go into one buffer, [P, 4, H], kept for step 4.
         scaled = torch.empty_like(coef)  # [P, 4, H]
-        _scripted(_backward_steps)(coef, grad, scaled, weight_aug, sizes)
+        scripted(_backward_steps)(coef, grad, scaled, weight_aug, sizes)
 
         # 4. Everything else from the complete G, over all steps at once.
         d_gh = scaled.view(total, 4 * hidden)[:, : 3 * hidden]  # [P, 3H], a view

@@ -148,7 +148,12 @@ A third round (same in-process A/B, 1 thread, load below 1):
     256 4.04 -> 3.79 ms a step.
 
 Outputs are unchanged (the same operations, or the batch-norm backward
-within 1e-6 of autograd). What is left in a DIN step (about 3.8 ms on a
+within 1e-6 of autograd). The full run of this script after it (load 0.2
+to 1.5): DIEN batch 256 5.28x torch-rechub at 1 thread (5.14x at 2),
+batch 4096 4.57x (4.74x), DIN batch 256 8.54x (5.65x at 2 threads, where
+torch-rechub's large padded products gain from the second core and ours
+do not); ``make bench`` in the same hour gave DIEN 5.48x and 4.49x.
+What is left in a DIN step (about 3.8 ms on a
 quiet machine) is some 1 ms of matrix products (forward and backward of
 the attention MLP on the valid steps and of the head), Adam (about
 0.35 ms, two thirds of it Python), and about 250 small operations and

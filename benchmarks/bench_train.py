@@ -136,7 +136,8 @@ about 2: DIEN batch 256 3.1x -> 4.9x torch-rechub, batch 4096 3.9x ->
 A third round (same in-process A/B, 1 thread, load below 1):
 
 10. The two packed GRU loops, forward (``_packed_steps``) and the
-    recurrence of the backward (``_backward_steps``), run as TorchScript:
+    recurrence of the backward (``_backward_steps``), run as TorchScript
+    (compiled once, when ``dien_tutorial.layers`` is imported):
     the same kernels without the interpreter between them. A forward loop
     of 50 steps went from 1.30 to 0.96 ms; DIEN batch 256 10.3 -> 9.0 ms
     a step, batch 4096 107 -> 102 ms.
@@ -155,9 +156,12 @@ torch-rechub's large padded products gain from the second core and ours
 do not); ``make bench`` in the same hour gave DIEN 5.48x and 4.49x.
 What is left in a DIN step (about 3.8 ms on a
 quiet machine) is some 1 ms of matrix products (forward and backward of
-the attention MLP on the valid steps and of the head), Adam (about
-0.35 ms, two thirds of it Python), and about 250 small operations and
-their autograd bookkeeping, each a few microseconds.
+the attention MLP on the valid steps and of the head), Adam (0.2 to
+0.35 ms in different profiles, more than half of it Python), and about
+250 small operations and their autograd bookkeeping, each a few
+microseconds. ``torch.compile`` of the forward and loss, tried as is
+(graph breaks at the packing's ``tolist`` and the lookup's padding
+check), took 24 s to compile and made the DIN step 8% faster.
 
 What the AUC runs showed
 ------------------------

@@ -130,10 +130,8 @@ def _dice_reference(x, alpha, eps):
     return x * torch.addcmul(alpha, p, 1 - alpha)
 
 
-# With one row the variance is 0 and 1 / sqrt(eps) = 1e4 multiplies the
-# rounding of the normalisation, hence the looser float64 bound there.
 @pytest.mark.parametrize("batch,dtype,tol", [(256, torch.float32, 1e-6), (7, torch.float64, 1e-12),
-                                             (1, torch.float64, 1e-10)])
+                                             (1, torch.float64, 1e-12)])
 def test_dice_backward_equals_autograd(batch, dtype, tol):
     from dien_tutorial.layers import Dice
 
@@ -155,6 +153,29 @@ def test_dice_backward_equals_autograd(batch, dtype, tol):
     # Running statistics: biased variance of the batch, momentum 0.1 from (0, 1).
     expected_var = 0.9 + 0.1 * x.detach().var(dim=0, unbiased=False)
     torch.testing.assert_close(dice.running_var, expected_var, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dice_on_a_batch_of_one_is_exact(dtype):
+    """One row: x equals its batch mean, so p = 1/2 exactly, and the gradient
+    is the closed form g * (alpha + (1 - alpha) / 2), with nothing from the
+    normalisation (whose scale 1 / sqrt(eps) = 1e4 would magnify any
+    rounding)."""
+    from dien_tutorial.layers import Dice
+
+    g = torch.Generator().manual_seed(11)
+    dice = Dice(30).to(dtype)
+    with torch.no_grad():
+        dice.alpha.uniform_(-1, 1, generator=g)
+    x = (torch.randn(1, 30, generator=g, dtype=dtype) * 3 + 1).requires_grad_()
+    up = torch.randn(1, 30, generator=g, dtype=dtype)
+    dice.train()
+    out = dice(x)
+    scale = dice.alpha + 0.5 * (1 - dice.alpha)  # [A]
+    assert torch.equal(out, x * scale)
+    grad_x, grad_alpha = torch.autograd.grad(out, [x, dice.alpha], up)
+    assert torch.equal(grad_x, up * scale)
+    torch.testing.assert_close(grad_alpha, (up * x * 0.5).sum(dim=0), atol=0, rtol=1e-6 if dtype == torch.float32 else 1e-12)
 
 
 def test_packed_softmax_equals_masked_softmax_with_empty_rows():

@@ -137,6 +137,27 @@ def timed_steps(step, make_batches, steps: int | None, warmup: int, max_seconds:
             "cut_short": steps is not None and done < steps}
 
 
+def timed_inference(predict, label, batch: int, max_batches: int | None) -> dict:
+    """Time ``predict(lo, hi)`` (click probabilities of test rows ``lo:hi``) over the test split.
+
+    Runs without gradients, batch after batch, stopping after
+    ``max_batches`` batches if given; returns the time, the rows seen and
+    their probabilities and labels.
+    """
+    import torch
+
+    probs, seen = [], 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, lo in enumerate(range(0, len(label), batch)):
+            if max_batches is not None and i >= max_batches:
+                break
+            probs.append(predict(lo, lo + batch))
+            seen += len(probs[-1])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "samples": seen, "prob": torch.cat(probs).numpy(), "label": label[:seen].numpy()}
+
+
 def synthetic_arrays(n_items: int, n_cates: int, batch: int, steps: int, seed: int = SYNTHETIC_SEED) -> dict:
     """One batch of random ids whose histories all hold exactly ``steps`` steps.
 
@@ -333,21 +354,14 @@ class Rechub(bt.RechubSide):
         super().__init__(npz_path)
 
     def infer(self, model, batch: int, max_batches: int | None) -> dict:
-        import torch
-
         x, y = self.split["test"]
         model.eval()
-        probs, seen = [], 0
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i, lo in enumerate(range(0, len(y), batch)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                pred = model({key: value[lo:lo + batch] for key, value in x.items()})
-                probs.append(pred[0] if isinstance(pred, tuple) else pred)
-                seen += len(probs[-1])
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "samples": seen, "prob": torch.cat(probs).numpy(), "label": y[:seen].numpy()}
+
+        def predict(lo: int, hi: int):
+            pred = model({key: value[lo:hi] for key, value in x.items()})
+            return pred[0] if isinstance(pred, tuple) else pred
+
+        return timed_inference(predict, y, batch, max_batches)
 
     def synthetic(self, steps_t: int, batch: int, train_steps: int, infer_steps: int, warmup: int,
                   max_seconds: float) -> dict:
@@ -501,20 +515,9 @@ class DeepCtr:
         return result
 
     def infer(self, model, batch: int, max_batches: int | None) -> dict:
-        import torch
-
         x, y = self.split["test"]
         model.eval()
-        probs, seen = [], 0
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i, lo in enumerate(range(0, len(y), batch)):
-                if max_batches is not None and i >= max_batches:
-                    break
-                probs.append(model(x[lo:lo + batch]).squeeze(-1))
-                seen += len(probs[-1])
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "samples": seen, "prob": torch.cat(probs).numpy(), "label": y[:seen].numpy()}
+        return timed_inference(lambda lo, hi: model(x[lo:hi]).squeeze(-1), y, batch, max_batches)
 
 
 # ---------------------------------------------------------------------------

@@ -599,6 +599,16 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list, str]], fmt: str =
     ax.margins(y=0.15)
 
 
+def _save(fig, title: str, quick: bool, path: Path) -> None:
+    """Title the figure (marking a quick run), lay it out, write it and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title + (" (quick run)" if quick else ""), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_missing(text: str, path: Path) -> None:
     """A figure that only says why there is no plot."""
     import matplotlib.pyplot as plt
@@ -629,10 +639,7 @@ def plot_training(sec: dict, path: Path, quick: bool, data: dict) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     where = "Amazon Toys" if data["source"] == "toys" else "simulated data"
-    fig.suptitle(f"DIEN on {where}, 1 thread" + (" (quick run)" if quick else ""), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"DIEN on {where}, 1 thread", quick, path)
 
 
 def plot_onnx(sec: dict, path: Path, quick: bool) -> None:
@@ -647,10 +654,7 @@ def plot_onnx(sec: dict, path: Path, quick: bool) -> None:
         ax.set_ylabel("median latency (ms)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("One forward pass, 1 thread" + (" (quick run)" if quick else ""), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, "One forward pass, 1 thread", quick, path)
 
 
 def plot_history(sec: dict, path: Path, quick: bool, data: dict) -> None:
@@ -675,11 +679,7 @@ def plot_history(sec: dict, path: Path, quick: bool, data: dict) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Time per sample against history length, batch {sec['batch']}, 1 thread"
-                 + (" (quick run)" if quick else ""), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"Time per sample against history length, batch {sec['batch']}, 1 thread", quick, path)
 
 
 def plot_threads(sec: dict, path: Path, quick: bool) -> None:
@@ -697,10 +697,7 @@ def plot_threads(sec: dict, path: Path, quick: bool) -> None:
         ax.set_ylabel("training samples/s")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Our training step at 1 and 2 intra-op threads" + (" (quick run)" if quick else ""), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, "Our training step at 1 and 2 intra-op threads", quick, path)
 
 
 def plot_samples(sec: dict, path: Path, quick: bool) -> None:
@@ -730,10 +727,7 @@ def plot_samples(sec: dict, path: Path, quick: bool) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Sample building, max_len {bs.MAX_LEN}" + (" (quick run)" if quick else ""), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"Sample building, max_len {bs.MAX_LEN}", quick, path)
 
 
 # ---------------------------------------------------------------------------

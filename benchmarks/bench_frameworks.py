@@ -32,8 +32,10 @@ The protocol
 and answers one JSON request per stdin line with one stdout line starting
 with ``@@ ``; other output is ignored. Requests (``cmd``):
 
-- ``train``: a fresh seeded model trained for ``steps`` steps (or one epoch
-  when ``steps`` is null) at ``batch`` with ``threads`` intra-op threads;
+- ``train``: a fresh seeded ``model`` (``"dien"`` unless the request says
+  ``"din"``, or ``"din_example"``: see ``bench_train.SETTINGS``; ours and
+  rechub only) trained for ``steps`` steps (or one epoch when ``steps`` is
+  null) at ``batch`` with ``threads`` intra-op threads;
   then, with ``infer_batch``, a timed forward pass over the test split (or
   its first ``infer_max_batches`` batches) in eval mode, whose predictions
   give the test AUC.
@@ -533,8 +535,8 @@ def _handle(side, request: dict) -> dict:
     cmd = request["cmd"]
     torch.set_num_threads(request.get("threads", 1))
     if cmd == "train":
-        result = side.run("dien", request["batch"], request.get("steps"), request.get("warmup", 0),
-                          request.get("max_seconds", float("inf")))
+        result = side.run(request.get("model", "dien"), request["batch"], request.get("steps"),
+                          request.get("warmup", 0), request.get("max_seconds", float("inf")))
         model = result.pop("model")
         steps = request.get("steps")
         result.setdefault("cut_short", steps is not None and result["steps"] < steps)

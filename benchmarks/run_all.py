@@ -8,16 +8,22 @@ What it measures (each section's details are in the file it names)
    batch 256 and 4096, then one epoch per framework and batch size, followed
    by a timed forward pass over the test split (inference samples/s and
    the test AUC), and each worker's peak resident memory.
-2. ``onnx``: ONNX Runtime against eager PyTorch, median latency at batch
+2. ``din``: our DIN against torch-rechub's DIN at batch 256, training
+   samples/s, twice: with torch-rechub's DIN given our widths (attention
+   MLP 80-40 with sigmoid, head 200-80), and with the widths of its own
+   Amazon example (attention MLP 256-128 with Dice, head 256-128); then
+   one epoch of each side's DIN of our widths and its test AUC
+   (``bench_train.py`` builds both sides).
+3. ``onnx``: ONNX Runtime against eager PyTorch, median latency at batch
    1 and 256 (``dien_tutorial.export.benchmark_latency``).
-3. ``history``: time per sample as the history grows (``T`` = 10 .. 200):
+4. ``history``: time per sample as the history grows (``T`` = 10 .. 200):
    on batches whose histories all have ``T`` steps (ours and
    torch-rechub), and on the real Toys batches built with ``max_len=T``
    (ours).
-4. ``threads``: our training step at 1 and 2 intra-op threads, on the
+5. ``threads``: our training step at 1 and 2 intra-op threads, on the
    machine as it is ("quiet") and with one CPU-burning child process of
    this run ("loaded").
-5. ``samples``: sample building as the log grows, ``build_samples`` against
+6. ``samples``: sample building as the log grows, ``build_samples`` against
    torch-rechub's ``generate_seq_feature`` (``bench_scaling.py``).
 
 How
@@ -32,7 +38,7 @@ Timed runs use 1 intra-op thread unless the section is about threads. The
 1-minute load average is recorded with every measurement.
 
 Without the Toys files (``DIEN_DATA_DIR`` or ``../shared/data``) the run
-says so and uses the simulator's default data set for sections 1, 3 and 4
+says so and uses the simulator's default data set for sections 1 to 5
 and simulated logs for section 5. Without ``.venv-bench`` it runs our side
 only. A section that fails is recorded and the run goes on.
 
@@ -87,7 +93,7 @@ ROOT = HERE.parent
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 DEEPCTR_INSTALL_LOG = ROOT / ".venv-bench" / "deepctr-torch-install.log"
 DEFAULT_OUT = HERE / "results"
-SECTIONS = ("training", "onnx", "history", "threads", "samples")
+SECTIONS = ("training", "din", "onnx", "history", "threads", "samples")
 KINDS = ("ours", "rechub", "deepctr")
 NAMES = bf.FRAMEWORKS
 CONDITIONS = {"quiet": "quiet (no load added)", "loaded": "loaded (+1 busy process)"}
@@ -96,6 +102,8 @@ CONDITIONS = {"quiet": "quiet (no load added)", "loaded": "loaded (+1 busy proce
 FULL = {
     "train_batches": [256, 4096], "train_rounds": 2, "train_steps": {256: [150, 10], 4096: [12, 2]},
     "train_max_seconds": 45.0, "epoch_steps": None, "infer_max_batches": None,
+    "din_models": ["din", "din_example"], "din_batch": 256, "din_rounds": 2,
+    "din_steps": {"din": [400, 10], "din_example": [30, 3]},
     "onnx_rounds": 3, "onnx_repeats": 50, "onnx_batches": [1, 256], "onnx_steps_t": 50,
     "history_lengths": [10, 25, 50, 100, 200], "history_batch": 256, "history_rounds": 2,
     "history_steps": 20, "toys_len_steps": 60, "history_max_seconds": 6.0,
@@ -108,6 +116,7 @@ QUICK = {
     **FULL,
     "train_steps": {256: [20, 3], 4096: [3, 1]}, "train_max_seconds": 20.0,
     "epoch_steps": {256: 40, 4096: 4}, "infer_max_batches": {256: 20, 4096: 2},
+    "din_steps": {"din": [40, 3], "din_example": [4, 1]},
     "onnx_rounds": 2, "onnx_repeats": 10,
     "history_lengths": [10, 50, 200], "history_rounds": 1, "history_steps": 5, "toys_len_steps": 10,
     "history_max_seconds": 3.0,
@@ -287,6 +296,51 @@ def run_training(workers: dict, plan: dict) -> dict:
                 row["ours_faster_by_per_round"] = per_round
             summary.append(row)
     return {"summary": summary, "runs": runs}
+
+
+def run_din(workers: dict, plan: dict) -> dict:
+    """Our DIN against torch-rechub's, in its two builds; then one epoch of the like-for-like pair."""
+    runs: list[dict] = []
+    kinds = [k for k in ("ours", "rechub") if k in workers]
+    batch = plan["din_batch"]
+    for model in plan["din_models"]:
+        steps, warmup = plan["din_steps"][model]
+        for r in range(plan["din_rounds"]):
+            for kind in rotate(kinds, r):
+                a = ask(workers[kind], runs, {"phase": "throughput", "model": model, "round": r},
+                        cmd="train", model=model, batch=batch, steps=steps, warmup=warmup, threads=1,
+                        max_seconds=plan["train_max_seconds"])
+                if "samples_per_s" in a:
+                    say(f"    {model:11s} round {r}  {NAMES[kind]:14s} {a['samples_per_s']:9,.0f} samples/s  "
+                        f"({a['steps']} steps, {a['seconds']:.1f} s, load {a['load_before']:.2f})")
+    epoch = None if plan["epoch_steps"] is None else plan["epoch_steps"][batch]
+    infer_max = None if plan["infer_max_batches"] is None else plan["infer_max_batches"][batch]
+    for kind in kinds:
+        a = ask(workers[kind], runs, {"phase": "epoch", "model": "din"}, cmd="train", model="din", batch=batch,
+                steps=epoch, warmup=0, threads=1, infer_batch=batch, infer_max_batches=infer_max)
+        if "samples_per_s" in a:
+            auc = f"{a['test_auc']:.4f}" if a.get("test_auc") is not None else "n/a"
+            say(f"    epoch din           {NAMES[kind]:14s} {a['samples_per_s']:9,.0f} samples/s train, "
+                f"AUC {auc} ({a['seconds']:.1f} s)")
+    summary = []
+    for model in plan["din_models"]:
+        thr = {k: {r["round"]: r["samples_per_s"] for r in runs if r["kind"] == k and r["model"] == model
+                   and r["phase"] == "throughput" and "samples_per_s" in r} for k in ("ours", "rechub")}
+        row = {"model": model, "batch": batch,
+               "ours_runs": list(thr["ours"].values()), "rechub_runs": list(thr["rechub"].values()),
+               "ours_samples_per_s": mean(list(thr["ours"].values())),
+               "rechub_samples_per_s": mean(list(thr["rechub"].values())),
+               "runs_cut_short": sum(bool(r.get("cut_short")) for r in runs
+                                     if r["model"] == model and r["phase"] == "throughput")}
+        if row["ours_samples_per_s"] and row["rechub_samples_per_s"]:
+            row["ours_faster_by"] = row["ours_samples_per_s"] / row["rechub_samples_per_s"]
+            row["ours_faster_by_per_round"] = [thr["ours"][r] / thr["rechub"][r] for r in thr["ours"]
+                                               if r in thr["rechub"]]
+        summary.append(row)
+    epochs = {r["kind"]: {"samples_per_s": r["samples_per_s"], "steps": r["steps"],
+                          "test_auc": r.get("test_auc")}
+              for r in runs if r["phase"] == "epoch" and "samples_per_s" in r}
+    return {"summary": summary, "epochs": epochs, "runs": runs}
 
 
 def run_onnx(workers: dict, plan: dict, workdir: Path) -> dict:
@@ -472,6 +526,49 @@ def table_training(sec: dict, plan: dict, frameworks: dict, data: dict) -> list[
     return lines
 
 
+DIN_BUILDS = {
+    "din": "our widths: attention MLP 80-40 with sigmoid, head 200-80 with Dice",
+    "din_example": "its Amazon example's widths: attention MLP 256-128 with Dice, head 256-128 with Dice",
+}
+
+
+def _by_batch(table: dict, batch: int):
+    """``table[batch]``; a plan read back from summary.json has its keys as strings."""
+    return table[batch] if batch in table else table[str(batch)]
+
+
+def table_din(sec: dict, plan: dict, data: dict) -> list[str]:
+    lines = ["| torch-rechub's DIN built with | batch | ours: samples/s (runs) | torch-rechub: samples/s (runs) "
+             "| ours faster by |", "|---|---:|---:|---:|---:|"]
+    for row in sec["summary"]:
+        ours = " / ".join(_n(x) for x in row["ours_runs"])
+        theirs = " / ".join(_n(x) for x in row["rechub_runs"])
+        cut = " (some runs cut short)" if row["runs_cut_short"] else ""
+        lines.append(f"| {DIN_BUILDS[row['model']]} | {row['batch']:,} | {_n(row['ours_samples_per_s'])} ({ours}) "
+                     f"| {_n(row['rechub_samples_per_s'])} ({theirs}){cut} | {_ratio(row.get('ours_faster_by'))} |")
+    epochs = sec["epochs"]
+    if epochs:
+        lines += ["", "| one epoch, DIN of our widths, batch " + f"{plan['din_batch']:,}"
+                  + " | training samples/s | test AUC |", "|---|---:|---:|"]
+        for kind in ("ours", "rechub"):
+            if kind in epochs:
+                e = epochs[kind]
+                auc = "–" if e["test_auc"] is None else f"{e['test_auc']:.4f}"
+                lines.append(f"| {NAMES[kind]} | {_n(e['samples_per_s'])} | {auc} |")
+    epoch = ("one full epoch" if plan["epoch_steps"] is None
+             else f"**quick run: only the first {_by_batch(plan['epoch_steps'], plan['din_batch'])} batches**")
+    steps = ", ".join(f"{s} steps for the {'first' if m == 'din' else 'second'} row"
+                      for m, (s, _) in plan["din_steps"].items())
+    lines += ["", f"Data: {data['description']}. Our DIN (`build_model(\"din\", ...)`: attention pooling of the "
+              "embeddings with the attention MLP 80-40 and sigmoid, head 200-80 with Dice) against "
+              "torch-rechub 0.9.0's `DIN`, embeddings of width 8, histories of at most 50 steps, Adam lr 1e-3, "
+              f"1 intra-op thread. Samples/s: the mean of {plan['din_rounds']} alternating runs ({steps}, after "
+              "warm-up steps; the runs in brackets). The first row gives torch-rechub's DIN our widths; the "
+              "second builds it as its own Amazon example does, a larger network (our DIN is the same in both "
+              f"rows). Then {epoch} of each side's DIN of our widths from a fresh model, and the test AUC."]
+    return lines
+
+
 def _plain(text: str) -> str:
     """One line of text safe inside a markdown paragraph."""
     return " ".join(str(text).replace("|", "/").replace("`", "'").replace("<", "(").replace(">", ")").split())
@@ -640,6 +737,22 @@ def plot_training(sec: dict, path: Path, quick: bool, data: dict) -> None:
     axes[0].legend(fontsize=8)
     where = "Amazon Toys" if data["source"] == "toys" else "simulated data"
     _save(fig, f"DIEN on {where}, 1 thread", quick, path)
+
+
+def plot_din(sec: dict, path: Path, quick: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = sec["summary"]
+    built = {"din": "torch-rechub's DIN\nwith our widths", "din_example": "torch-rechub's DIN\nas in its Amazon example"}
+    labels = [built[r["model"]] + (f"\n(ours {r['ours_faster_by']:.1f}× faster)" if r.get("ours_faster_by") else "")
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    _bars(ax, labels, [(NAMES["ours"], [r["ours_samples_per_s"] for r in rows], COLORS["ours"]),
+                       (NAMES["rechub"], [r["rechub_samples_per_s"] for r in rows], COLORS["rechub"])])
+    ax.set_ylabel("training samples/s")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, f"DIN, batch {rows[0]['batch'] if rows else ''}, 1 thread", quick, path)
 
 
 def plot_onnx(sec: dict, path: Path, quick: bool) -> None:
@@ -904,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
             npz = workdir / "samples.npz"
             write_arrays(samples, npz)
             del log, samples
-            only_ours = not any(s in ("training", "history") for s in worker_sections)
+            only_ours = not any(s in ("training", "din", "history") for s in worker_sections)
             workers, missing = start_workers(npz, data["source"], workdir, only_ours)
         else:
             workers, missing = {}, {k: "not needed by the sections asked for" for k in KINDS}
@@ -914,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         report["frameworks"] = frameworks
 
         steps = [("training", lambda: run_training(workers, plan)),
+                 ("din", lambda: run_din(workers, plan)),
                  ("onnx", lambda: run_onnx(workers, plan, workdir)),
                  ("history", lambda: run_history(workers, plan, data["source"])),
                  ("threads", lambda: run_threads(workers, plan)),
@@ -978,6 +1092,7 @@ def render_outputs(report: dict, plan: dict) -> dict[str, bytes]:
     makers = {
         "training": (lambda s: table_training(s, plan, report["frameworks"], data),
                      lambda s, p: plot_training(s, p, quick, data)),
+        "din": (lambda s: table_din(s, plan, data), lambda s, p: plot_din(s, p, quick)),
         "onnx": (lambda s: table_onnx(s, plan), lambda s, p: plot_onnx(s, p, quick)),
         "history": (lambda s: table_history(s, plan, data), lambda s, p: plot_history(s, p, quick, data)),
         "threads": (lambda s: table_threads(s, plan), lambda s, p: plot_threads(s, p, quick)),

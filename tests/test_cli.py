@@ -173,7 +173,7 @@ def _usage_error(run_all, argv, capsys) -> str:
 @pytest.mark.parametrize("only", [",", "", " , ,"])
 def test_run_all_only_selecting_nothing_is_a_usage_error(run_all, only, capsys):
     err = _usage_error(run_all, ["--only", only], capsys)
-    assert f"--only {only!r} selects no section; choose from training, onnx, history, threads, samples" in err
+    assert f"--only {only!r} selects no section; choose from training, din, onnx, history, threads, samples" in err
 
 
 def test_run_all_out_is_checked_before_measuring(run_all, tmp_path, capsys):
@@ -249,3 +249,41 @@ def test_run_all_render_honours_out_and_rejects_measuring_options(run_all, tmp_p
     assert written["summary.md"].decode().count("Not measured in this run.") == len(run_all.SECTIONS)
     assert "on one machine: test cpu, 2 cores" in written["machine.md"].decode()
     assert all(png.startswith(b"\x89PNG") for name, png in written.items() if name.endswith(".png"))
+
+
+class _FakeWorker:
+    """Answers ``train`` requests from fixed lists: the speeds of its timed runs per model, in order."""
+
+    def __init__(self, kind: str, speeds: dict, epoch: float, auc: float) -> None:
+        self.kind, self.speeds, self.epoch, self.auc, self.requests = kind, speeds, epoch, auc, []
+
+    def ask(self, **request) -> dict:
+        self.requests.append(request)
+        if request.get("steps") is None:  # one epoch, then the test AUC
+            return {"samples_per_s": self.epoch, "steps": 3, "seconds": 1.0, "test_auc": self.auc}
+        speed = self.speeds[request["model"]].pop(0)
+        return {"samples_per_s": speed, "steps": request["steps"], "seconds": 1.0, "load_before": 0.5}
+
+
+def test_run_all_din_section_ratios_and_table(run_all):
+    ours = _FakeWorker("ours", {"din": [60000.0, 66000.0], "din_example": [60000.0, 60000.0]}, 61000.0, 0.6)
+    theirs = _FakeWorker("rechub", {"din": [7500.0, 7500.0], "din_example": [750.0, 750.0]}, 7000.0, 0.55)
+    plan = {**run_all.FULL, "epoch_steps": None, "infer_max_batches": None}
+    sec = run_all.run_din({"ours": ours, "rechub": theirs}, plan)
+    # Alternating order, the models asked for, one epoch of the like-for-like DIN each.
+    assert [r["model"] for r in ours.requests] == ["din", "din", "din_example", "din_example", "din"]
+    assert ours.requests[-1]["steps"] is None and ours.requests[-1]["infer_batch"] == 256
+    assert [r["round"] for r in sec["runs"][:4]] == [0, 0, 1, 1]
+    assert [r["kind"] for r in sec["runs"][:4]] == ["ours", "rechub", "rechub", "ours"]
+    rows = {r["model"]: r for r in sec["summary"]}
+    ours_mean = (60000.0 + 66000.0) / 2
+    assert rows["din"]["ours_samples_per_s"] == pytest.approx(ours_mean)
+    assert rows["din"]["ours_faster_by"] == pytest.approx(ours_mean / 7500.0)
+    assert rows["din"]["ours_faster_by_per_round"] == pytest.approx([8.0, 8.8])
+    assert rows["din_example"]["ours_faster_by"] == pytest.approx(80.0)
+    assert sec["epochs"]["ours"]["test_auc"] == 0.6 and sec["epochs"]["rechub"]["samples_per_s"] == 7000.0
+    text = "\n".join(run_all.table_din(sec, plan, {"description": "test data"}))
+    assert "| 256 | 63,000 (60,000 / 66,000) | 7,500 (7,500 / 7,500) | 8.40× |" in text
+    assert "| 256 | 60,000 (60,000 / 60,000) | 750 (750 / 750) | 80.00× |" in text
+    assert "| dien_tutorial | 61,000 | 0.6000 |" in text and "| torch-rechub | 7,000 | 0.5500 |" in text
+    assert "one full epoch" in text

@@ -138,6 +138,68 @@ def _lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
     return table.weight.index_select(0, ids.reshape(-1)).view(*ids.shape, table.embedding_dim)
 
 
+def check_inputs(item: Tensor, cate: Tensor, hist_item: Tensor, hist_cate: Tensor,
+                 length: Tensor, neg_hist_item: Tensor | None, neg_hist_cate: Tensor | None) -> None:
+    """Check a batch against the model's input contract; raise naming the argument.
+
+    Shapes and dtypes are checked in Python, for free; the lengths' range
+    costs one reduction. Ids are checked only when a lookup fails (see
+    :func:`id_range_error`): the lookup itself is the cheapest range check.
+
+    Raises:
+        ValueError: a shape, dtype or length that breaks the contract.
+    """
+    if (neg_hist_item is None) != (neg_hist_cate is None):
+        raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
+    ids = {"item": item, "cate": cate, "hist_item": hist_item, "hist_cate": hist_cate, "length": length}
+    if neg_hist_item is not None:
+        ids.update(neg_hist_item=neg_hist_item, neg_hist_cate=neg_hist_cate)
+    for name, t in ids.items():
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"model input '{name}' must hold integers, got dtype {t.dtype}")
+    if item.dim() != 1 or cate.shape != item.shape:
+        raise ValueError(f"model inputs 'item' and 'cate' must both be [B]; got {list(item.shape)} and "
+                         f"{list(cate.shape)}")
+    batch = item.shape[0]
+    if hist_item.dim() != 2 or hist_item.shape[0] != batch:
+        raise ValueError(f"model input 'hist_item' must be [B, T] with B = {batch} (the batch of 'item'); "
+                         f"got {list(hist_item.shape)}")
+    for name in ("hist_cate", "neg_hist_item", "neg_hist_cate"):
+        if name in ids and ids[name].shape != hist_item.shape:
+            raise ValueError(f"model input '{name}' must have the shape of 'hist_item', "
+                             f"{list(hist_item.shape)}; got {list(ids[name].shape)}")
+    if length.shape != (batch,):
+        raise ValueError(f"model input 'length' must be [B] with B = {batch}; got {list(length.shape)}")
+    if batch:
+        low, high = (int(v) for v in torch.aminmax(length))
+        if low < 0 or high > hist_item.shape[1]:
+            raise ValueError(f"model input 'length' must be in 0..T = 0..{hist_item.shape[1]} (the width of "
+                             f"'hist_item'); got values from {low} to {high}")
+
+
+def id_range_error(config: DIENConfig, **ids: Tensor | None) -> ValueError | None:
+    """The error to raise when a lookup failed: the first argument with an id outside its table.
+
+    Args:
+        config: gives the table sizes ``n_items`` and ``n_cates``.
+        ids: the model's id arguments by name (``item``, ``hist_cate``, ...);
+            None entries are skipped.
+
+    Returns:
+        A ValueError naming the argument and the allowed range, or None
+        if every id is in range (the failure had another cause).
+    """
+    for name, t in ids.items():
+        if t is None or t.numel() == 0:
+            continue
+        size, field = (config.n_cates, "n_cates") if name.endswith("cate") else (config.n_items, "n_items")
+        low, high = (int(v) for v in torch.aminmax(t))
+        if low < 0 or high >= size:
+            return ValueError(f"model input '{name}' holds ids from {low} to {high}, outside the table's "
+                              f"0..{size - 1} (DIENConfig.{field} = {size})")
+    return None
+
+
 class DIEN(nn.Module):
     """Deep Interest Evolution Network, or one of its baselines.
 
@@ -271,13 +333,17 @@ class DIEN(nn.Module):
 
         Returns:
             A :class:`DIENOutput`.
+
+        Raises:
+            ValueError: an input breaks the contract above (an id dtype that
+                is not an integer, a shape, a length outside ``0..T``, an id
+                outside its table), naming the argument.
         """
-        if (neg_hist_item is None) != (neg_hist_cate is None):
-            raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
         if torch.jit.is_tracing():
             # ONNX export traces the padded version, which has no
             # data-dependent loop lengths.
             return self.forward_padded(item, cate, hist_item, hist_cate, length, neg_hist_item, neg_hist_cate)
+        check_inputs(item, cate, hist_item, hist_cate, length, neg_hist_item, neg_hist_cate)
         steps = hist_item.shape[1]
         mask = torch.arange(steps, device=length.device) < length.unsqueeze(1)  # [B, T]
         # Only the valid steps are embedded and processed: P rows, not B * T.
@@ -288,7 +354,15 @@ class DIEN(nn.Module):
             ids.append((packing.pack(neg_hist_item), packing.pack(neg_hist_cate)))
         # One lookup per table for all the ids of the batch: the backward of
         # a lookup writes a gradient the size of the whole table.
-        embedded = self.embedding(torch.cat([i for i, _ in ids]), torch.cat([c for _, c in ids]))
+        try:
+            embedded = self.embedding(torch.cat([i for i, _ in ids]), torch.cat([c for _, c in ids]))
+        except IndexError:
+            error = id_range_error(self.config, item=item, cate=cate, hist_item=hist_item, hist_cate=hist_cate,
+                                   neg_hist_item=neg_hist_item if with_aux else None,
+                                   neg_hist_cate=neg_hist_cate if with_aux else None)
+            if error is None:
+                raise
+            raise error from None
         target, history, *rest = embedded.split([len(i) for i, _ in ids])  # [B, E], [P, E], ([P, E])
         negatives = rest[0] if with_aux else None
 
@@ -320,10 +394,19 @@ class DIEN(nn.Module):
         faster when most of the ``B * T`` slots are padding. ONNX export
         traces this version.
         """
-        if (neg_hist_item is None) != (neg_hist_cate is None):
-            raise ValueError("pass both neg_hist_item and neg_hist_cate, or neither")
-        target = self.embedding(item, cate)  # [B, E]
-        history, mask = self.embed_history(hist_item, hist_cate, length)  # [B, T, E], [B, T]
+        if not torch.jit.is_tracing():
+            check_inputs(item, cate, hist_item, hist_cate, length, neg_hist_item, neg_hist_cate)
+        with_aux = self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None
+        try:
+            target = self.embedding(item, cate)  # [B, E]
+            history, mask = self.embed_history(hist_item, hist_cate, length)  # [B, T, E], [B, T]
+            negatives = self.embedding(neg_hist_item, neg_hist_cate) if with_aux else None  # [B, T, E]
+        except IndexError:
+            error = id_range_error(self.config, item=item, cate=cate, hist_item=hist_item, hist_cate=hist_cate,
+                                   neg_hist_item=neg_hist_item, neg_hist_cate=neg_hist_cate)
+            if error is None:
+                raise
+            raise error from None
 
         keys = self.extractor(history, mask) if self.extractor is not None else history  # [B, T, K]
         attention = self.attention(target, keys, mask)  # [B, T]
@@ -333,9 +416,6 @@ class DIEN(nn.Module):
             interest = (attention.unsqueeze(-1) * keys).sum(dim=1)  # [B, K]
 
         history_sum = history.sum(dim=1)  # [B, E]
-        negatives = None
-        if self.aux is not None and neg_hist_item is not None and neg_hist_cate is not None:
-            negatives = self.embedding(neg_hist_item, neg_hist_cate)  # [B, T, E]
         return self._finish(target, history_sum, interest, attention, keys, history, negatives, mask)
 
     def _finish(

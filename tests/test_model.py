@@ -224,6 +224,58 @@ def test_no_negatives_means_no_aux_loss_and_half_given_is_an_error():
         model(**plain, neg_hist_item=batch["neg_hist_item"])
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("lengths", "shown"), [([3, 99], "from 3 to 99"), ([-4, 2], "from -4 to 2"),
+                                                ([9, 0], "from 0 to 9")])
+def test_lengths_outside_the_history_width_are_an_error(padded, lengths, shown):
+    model = tiny_model("dien")
+    batch = make_batch(model.config, [3, 2], steps=8)
+    batch["length"] = torch.tensor(lengths)
+    forward = model.forward_padded if padded else model
+    with pytest.raises(ValueError, match=rf"model input 'length' must be in 0\.\.T = 0\.\.8 .*got values {shown}$"):
+        forward(**batch)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_inputs_of_the_wrong_dtype_or_shape_are_an_error(padded):
+    model = tiny_model("dien")
+    batch = make_batch(model.config, [3, 2], steps=8)
+    forward = model.forward_padded if padded else model
+    cases = [
+        ({"length": torch.tensor([2.5, 2.0])}, "model input 'length' must hold integers, got dtype torch.float32"),
+        ({"hist_cate": batch["hist_cate"][:, :5]},
+         r"model input 'hist_cate' must have the shape of 'hist_item', \[2, 8\]; got \[2, 5\]"),
+        ({"neg_hist_item": batch["neg_hist_item"][:1]},
+         r"model input 'neg_hist_item' must have the shape of 'hist_item', \[2, 8\]; got \[1, 8\]"),
+        ({"item": batch["item"][:1], "cate": batch["cate"][:1]},
+         r"model input 'hist_item' must be \[B, T\] with B = 1 \(the batch of 'item'\); got \[2, 8\]"),
+        ({"cate": batch["cate"].unsqueeze(1)}, r"'item' and 'cate' must both be \[B\]; got \[2\] and \[2, 1\]"),
+        ({"length": batch["length"][:1]}, r"model input 'length' must be \[B\] with B = 2; got \[1\]"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            forward(**{**batch, **change})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize(("field", "value", "table"), [
+    ("item", 10**6, "n_items"), ("cate", -1, "n_cates"), ("hist_cate", 999, "n_cates"),
+    ("neg_hist_item", -3, "n_items")])
+def test_an_id_outside_its_table_is_an_error_naming_the_input(padded, field, value, table):
+    model = tiny_model("dien")
+    batch = make_batch(model.config, [3, 2], steps=8)
+    batch[field] = batch[field].clone()
+    batch[field].view(-1)[0] = value  # the first slot: valid for every field (the first user has 3 steps)
+    size = getattr(model.config, table)
+    low, high = int(batch[field].min()), int(batch[field].max())
+    assert low < 0 or high >= size
+    forward = model.forward_padded if padded else model
+    message = (f"model input '{field}' holds ids from {low} to {high}, outside the table's 0..{size - 1} "
+               f"(DIENConfig.{table} = {size})")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        forward(**batch)
+
+
 # ---------------------------------------------------------------------- #
 # Padding and batching do not change a user's result
 # ---------------------------------------------------------------------- #

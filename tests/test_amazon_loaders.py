@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -298,6 +299,47 @@ def test_csv_non_integer_time_names_column_and_line(tmp_path):
         load_rechub_csv(path)
 
 
+def test_csv_minus_zero_is_not_zero(tmp_path):
+    # As integers "-0" and "0" would be one item, and the second click a repeat.
+    path = write(tmp_path / "z.csv", f"{RECHUB_HEADER}\n1,-0,100,1\n1,0,200,1\n1,12,300,2\n")
+    with pytest.warns(UserWarning, match=r"z\.csv: only 3 interactions") as caught:
+        log = load_rechub_csv(path)
+    assert len(caught) == 1  # the size warning only: nothing dropped
+    f = log.frame
+    assert f["item"].tolist() == ["-0", "0", "12"]
+    assert f["user"].tolist() == [1, 1, 1] and f["user"].dtype == "int64"
+    assert log.report.dropped == {}
+    # A negative id is canonical: that column stays integer.
+    path = write(tmp_path / "n.csv", f"{RECHUB_HEADER}\n1,-5,100,1\n1,0,200,1\n")
+    with pytest.warns(UserWarning, match="far too few"):
+        f = load_rechub_csv(path).frame
+    assert f["item"].dtype == "int64" and f["item"].tolist() == [-5, 0]
+
+
+@pytest.mark.parametrize("digits", ["\uff13\uff10\uff10", "\u0663\u0660\u0660", "3\uff10\uff10"])
+def test_csv_time_in_non_ascii_digits_names_column_and_line(tmp_path, digits):
+    # Python's int() and re's \d accept these (fullwidth, Arabic-Indic) digits.
+    path = write(tmp_path / "t.csv", f"{RECHUB_HEADER}\n1,2,100,3\n1,3,200,3\n1,4,{digits},3\n")
+    with pytest.raises(DataFormatError,
+                       match=rf"t\.csv: column 'time' must hold integers; line 4 has '{digits}'$"):
+        load_rechub_csv(path)
+
+
+def test_csv_ids_in_non_ascii_digits_are_strings_of_their_own(tmp_path):
+    # "1\uff10" (1 and a fullwidth 0) is not "10": two users, both clicks kept.
+    rows = ["1\uff10,5,100,1", "10,5,200,1", "10,5\u0667,300,1"]
+    path = write(tmp_path / "w.csv", "\n".join([RECHUB_HEADER, *rows]) + "\n")
+    with pytest.warns(UserWarning, match="far too few") as caught:
+        log = load_rechub_csv(path)
+    assert len(caught) == 1  # the size warning only: nothing dropped
+    f = log.frame
+    assert f["user"].tolist() == ["10", "10", "1\uff10"]
+    assert f["item"].tolist() == ["5", "5\u0667", "5"]
+    assert f["category"].dtype == "int64" and f["time"].tolist() == [200, 300, 100]
+    assert log.stats() == {"users": 2, "items": 2, "categories": 1, "interactions": 3}
+    assert log.report.dropped == {}
+
+
 def test_csv_empty_cell_names_line(tmp_path):
     path = write(tmp_path / "e.csv", "user_id,item_id,time,cate_id\n1,2,100,3\n1,,101,3\n")
     with pytest.raises(DataFormatError, match=r"e\.csv: column 'item_id' is empty on line 3"):
@@ -398,6 +440,70 @@ def test_toys_bad_date_and_bad_header(tmp_path):
 def test_toys_bad_sequence_token_names_line(tmp_path):
     folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"], seq=["1 10", "2 x7"])
     with pytest.raises(DataFormatError, match=r"Toys\.txt\.gz:2: item ids must be integers, found 'x7'"):
+        load_toys_5core(folder)
+
+
+def test_toys_sequence_line_of_one_bad_token_names_line(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"],
+                         seq=["1 10", "garbage", "2 10"])
+    with pytest.raises(DataFormatError, match=r"Toys\.txt\.gz:2: user ids must be integers, found 'garbage'$"):
+        load_toys_5core(folder)
+    # A user id alone is a user without items: skipped, like a blank line.
+    (tmp_path / "ok").mkdir()
+    folder = toys_folder(tmp_path / "ok", train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"],
+                         seq=["1 10", "7", "", "2 10"])
+    with no_warnings():
+        log = load_toys_5core(folder)
+    assert log.frame["user"].tolist() == [1, 2] and log.report.notes == []
+
+
+def test_toys_sequence_lines_end_only_at_newline(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"], seq=["1 10"])
+    seq = folder / "Toys.txt.gz"
+    # U+2028 is a line break to str.splitlines, which put the bad token on "line 4".
+    write(seq, "1 10\n2 10\u2028\n3 x7\n")
+    # The message shows the token's repr, in which U+2028 is escaped.
+    with pytest.raises(DataFormatError, match=r"Toys\.txt\.gz:2: item ids must be integers, found '10\\u2028'$"):
+        load_toys_5core(folder)
+    # A stray \r does not cut user 1's line in two (making 12 a user).
+    write(seq, "1 10 11\r12\n2 10\n")
+    with pytest.raises(DataFormatError, match=r"Toys\.txt\.gz:1: item ids must be integers, found '11\\r12'$"):
+        load_toys_5core(folder)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_toys_sequence_with_crlf_line_ends(tmp_path, gz):
+    # The published Toys.txt ends its lines in \r\n.
+    folder = toys_folder(tmp_path, train=["1,11,5,2014-01-02,1", "1,10,4,2014-01-01,0"],
+                         test=["1,12,6,2014-01-02,1", "2,10,4,1999-12-31,1"], seq=["1 10 12 11", "2 10"], gz=gz)
+    name = "Toys.txt.gz" if gz else "Toys.txt"
+    write(folder / name, "1 10 12 11\r\n\r\n2\t10 \r\n")
+    with no_warnings():
+        log = load_toys_5core(folder)
+    assert log.frame["item"].tolist() == [10, 12, 11, 10]
+    assert log.frame["order"].tolist() == [0, 1, 2, 0]
+    write(folder / name, "1 10 12 11\r\n2 x7\r\n")
+    with pytest.raises(DataFormatError, match=rf"{re.escape(name)}:2: item ids must be integers, found 'x7'$"):
+        load_toys_5core(folder)
+
+
+def test_toys_non_ascii_digits_are_not_integers(tmp_path):
+    folder = toys_folder(tmp_path, train=["1,10,4,2014-01-01,1"], test=["2,10,4,2014-01-01,1"],
+                         seq=["1 10", "2 \uff110"])
+    with pytest.raises(DataFormatError, match="Toys\\.txt\\.gz:2: item ids must be integers, found '\uff110'$"):
+        load_toys_5core(folder)
+    write(folder / "Toys.txt.gz", "1 10\n2 10\n")
+    write(folder / "test_set_Toys_CTR.csv.gz", f"{TOYS_HEADER}\n\uff12,10,4,2014-01-01,1\n")
+    with pytest.raises(DataFormatError, match=(
+        "test_set_Toys_CTR\\.csv\\.gz: column 'user_id' must hold integers; line 2 has '\uff12'$"
+    )):
+        load_toys_5core(folder)
+    # pandas' %Y would read a year in fullwidth digits as 2014.
+    write(folder / "test_set_Toys_CTR.csv.gz", f"{TOYS_HEADER}\n2,10,4,\uff12\uff10\uff11\uff14-01-01,1\n")
+    with pytest.raises(DataFormatError, match=(
+        "test_set_Toys_CTR\\.csv\\.gz: column 'reviewTime' must be a YYYY-MM-DD date; "
+        "line 2 has '\uff12\uff10\uff11\uff14-01-01'$"
+    )):
         load_toys_5core(folder)
 
 
@@ -569,6 +675,25 @@ def test_raw_deeply_nested_line_is_malformed_json(tmp_path, raw_files):
     deep = '{"reviewerID": "U9", "asin": "B01", "unixReviewTime": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
     r = write(tmp_path / "reviews_Deep_5.json", "\n".join([review("U1", "B01", 1), "", deep]) + "\n")
     with pytest.raises(DataFormatError, match=r"reviews_Deep_5\.json:3: malformed JSON \(nested too deeply\)$"):
+        load_amazon_raw(r, m)
+
+
+@pytest.mark.parametrize("field", ["unixReviewTime", "helpful"])
+def test_raw_integer_too_long_to_convert_names_file_and_line(tmp_path, raw_files, field):
+    # json.loads refuses integers of more digits than Python converts (4,300
+    # by default) with a bare ValueError, even in a field the loader ignores.
+    limit = sys.get_int_max_str_digits()
+    if limit == 0:
+        pytest.skip("this Python converts integers of any length")
+    _, m = raw_files
+    huge = "1" + "0" * limit
+    record = {"reviewerID": "U2", "asin": "B01", "unixReviewTime": 5, "helpful": 0}
+    line = json.dumps(record).replace(f'"{field}": {record[field]}', f'"{field}": {huge}')
+    r = write(tmp_path / "reviews_Long_5.json", "\n".join([review("U1", "B01", 1), line]) + "\n")
+    with pytest.raises(DataFormatError, match=(
+        rf"^{re.escape(str(r))}:2: unreadable JSON \(Exceeds the limit \({limit} digits\) "
+        rf"for integer string conversion: value has {limit + 1} digits"
+    )):
         load_amazon_raw(r, m)
 
 

@@ -45,13 +45,23 @@ after upstream re-mapping to integer ids, as three files:
   the upstream split, which is random per row rather than by time.
 - ``Toys.txt``: one line per user, ``user_id item_1 item_2 ...`` in
   chronological order; the position of an item on its user's line is the
-  ``order`` that ranks reviews of the same day.
+  ``order`` that ranks reviews of the same day. Tokens are integers
+  separated by spaces or tabs. Lines end in ``\\n`` or ``\\r\\n`` (the
+  published file uses ``\\r\\n``); no other character ends a line, so a
+  stray ``\\r`` or U+2028 inside a line is part of a token, an error.
 
 Each may also be gzip-compressed (``.gz`` appended to the name).
 
 **Rechub CSV** (:func:`load_rechub_csv`): header
 ``user_id,item_id,time,cate_id`` with ``time`` in unix seconds, the format of
-torch-rechub's DIN/DIEN examples. ``order`` is the row number.
+torch-rechub's DIN/DIEN examples. ``order`` is the row number. An id column
+is read as integers only when every value is a canonical integer (ASCII
+digits, no plus sign, no leading zero, no ``-0``, at most 18 digits);
+otherwise it is kept as strings, so two spellings are never one id.
+
+Wherever a number is read from text, only the ASCII digits 0-9 count as
+digits: a ``time``, an integer id of the Toys files or a date written with
+another script's digits (``'３００'``) is an error naming the line.
 
 In every CSV a row must have as many fields as the header, and the header
 must name each column once. A damaged or truncated compressed file, in any
@@ -107,8 +117,22 @@ _LITERAL_NODES = (
     ast.Load,
 )
 
-# At most 18 digits, so every integer id fits in int64 without checking.
-_CANONICAL_INT = r"-?(?:0|[1-9]\d{0,17})"
+# The one spelling an integer id may have to be read as an int64: ASCII
+# digits only (re's \d also matches other scripts' digits, so it is never
+# used here), no plus sign, no leading zeros and no "-0", each of which
+# would merge two spellings into one id. At most 18 digits, so every such
+# id fits in int64 without checking.
+_CANONICAL_INT = r"(?:0|-?[1-9][0-9]{0,17})"
+
+# An integer as the integer-only columns may write it: an optional sign and
+# ASCII digits (see above for why not \d).
+_ANY_INT = r"[+-]?[0-9]+"
+
+# A token of Toys.txt: short enough to fit in int64 without checking.
+_SEQUENCE_ID = r"[+-]?[0-9]{1,18}"
+
+# A reviewTime date; pandas alone would accept other scripts' digits in the year.
+_DATE = r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
@@ -310,12 +334,16 @@ def _read_text_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 def _integer_column(text: pd.Series, path: Path, column: str) -> np.ndarray:
     """Parse a text column that must hold 64-bit integers.
 
+    A value is an optional sign and the ASCII digits 0-9, with surrounding
+    whitespace ignored; digits of other scripts (``'３００'``, ``'٣٠٠'``)
+    are not integers here, although Python's ``int`` would read them.
+
     Raises:
         DataFormatError: naming the file, the column and the first bad line,
             for a value that is not an integer or does not fit in int64.
     """
     stripped = text.str.strip()
-    ok = stripped.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool)
+    ok = stripped.str.fullmatch(_ANY_INT).to_numpy(dtype=bool)
     if not ok.all():
         row = _first_bad(~ok)
         raise DataFormatError(
@@ -337,9 +365,14 @@ def _integer_column(text: pd.Series, path: Path, column: str) -> np.ndarray:
 def _id_column(text: pd.Series) -> pd.Series:
     """Integer ids when every value is a plain integer, else the strings.
 
-    ``"007"`` and ``"7"`` would both become 7 as integers, so a value with
-    leading zeros or a plus sign keeps the whole column as strings: two
-    different spellings must stay two different ids.
+    ``"007"`` and ``"7"`` would both become 7 as integers, so would ``"-0"``
+    and ``"0"``, and so would the fullwidth ``"７"`` and ``"7"``. Two
+    different spellings must stay two different ids, so the column becomes
+    ``int64`` only when every value (surrounding whitespace ignored) is
+    spelled the one canonical way: an optional minus, ASCII digits 0-9
+    without leading zeros, ``"0"`` but never ``"-0"``, at most 18 digits.
+    One value spelled any other way (a plus sign, a leading zero, another
+    script's digits, or simply a letter) keeps the whole column as strings.
     """
     stripped = text.str.strip()
     if stripped.str.fullmatch(_CANONICAL_INT).all():
@@ -369,9 +402,10 @@ def _read_reviews(path: Path) -> pd.DataFrame:
 
     Raises:
         DataFormatError: ``"<file>:<line>: ..."`` for a line that is not a
-            JSON object (or nests too deeply to parse) or lacks a field, or
-            whose time does not fit in 64 bits; ``"<file>: ..."`` for an
-            empty or damaged compressed file.
+            JSON object (or nests too deeply to parse, or holds an integer
+            of more digits than Python converts) or lacks a field, or whose
+            time does not fit in 64 bits; ``"<file>: ..."`` for an empty or
+            damaged compressed file.
     """
     users: list[str] = []
     items: list[str] = []
@@ -390,6 +424,10 @@ def _read_reviews(path: Path) -> pd.DataFrame:
             raise DataFormatError(
                 f"{path}:{lineno}: malformed JSON (nested too deeply)"
             ) from None
+        except ValueError as err:
+            # Valid JSON that Python will not convert: an integer of more
+            # than sys.get_int_max_str_digits() (4,300) digits.
+            raise DataFormatError(f"{path}:{lineno}: unreadable JSON ({err})") from None
         if not isinstance(record, dict):
             raise DataFormatError(
                 f"{path}:{lineno}: expected a JSON object, found {type(record).__name__}"
@@ -572,10 +610,12 @@ def load_amazon_raw(reviews_path: str | Path, meta_path: str | Path) -> Behaviou
 def load_rechub_csv(path: str | Path) -> BehaviourLog:
     """Load a ``user_id,item_id,time,cate_id`` CSV (torch-rechub's format).
 
-    Ids that are all plain integers become ``int64``; any other ids are kept
-    as strings. Other columns are ignored. A log under
-    :data:`MIN_USEFUL_INTERACTIONS` rows loads, with a note and a warning
-    that it can only check the format.
+    An id column whose values are all canonical integers (ASCII digits, an
+    optional minus, no leading zero, no ``-0``, at most 18 digits) becomes
+    ``int64``; any other id column is kept as strings, so ``"-0"`` and
+    ``"0"``, or ``"１"`` and ``"1"``, stay two ids. Other columns are
+    ignored. A log under :data:`MIN_USEFUL_INTERACTIONS` rows loads, with a
+    note and a warning that it can only check the format.
 
     Args:
         path: the CSV file (``.gz`` and other pandas compressions work).
@@ -586,8 +626,9 @@ def load_rechub_csv(path: str | Path) -> BehaviourLog:
     Raises:
         DataFormatError: an empty file, missing columns (the message names
             the file, the missing and the found columns), an empty cell, or
-            a ``time`` that is not an integer (the message names the line,
-            counting the header as line 1).
+            a ``time`` that is not an integer written with ASCII digits (the
+            message names the column and the line, counting the header as
+            line 1).
     """
     path = Path(path)
     text = _read_text_csv(path, RECHUB_COLUMNS)
@@ -614,8 +655,9 @@ def load_rechub_csv(path: str | Path) -> BehaviourLog:
 def _read_toys_csv(path: Path) -> pd.DataFrame:
     """One of the two ``*_Toys_CTR.csv`` files as a log frame without ``order``."""
     text = _read_text_csv(path, TOYS_COLUMNS)
-    dates = pd.to_datetime(text["reviewTime"].str.strip(), format="%Y-%m-%d", errors="coerce")
-    bad = dates.isna()
+    stripped = text["reviewTime"].str.strip()
+    dates = pd.to_datetime(stripped, format="%Y-%m-%d", errors="coerce")
+    bad = dates.isna() | ~stripped.str.fullmatch(_DATE)
     if bad.any():
         row = _first_bad(bad)
         raise DataFormatError(
@@ -638,12 +680,17 @@ def _read_sequences(path: Path, report: LoadReport) -> pd.DataFrame:
     """``Toys.txt`` exploded into one ``(user, item, position)`` row per token.
 
     ``position`` counts from 0 along the user's line. If a user has several
-    lines they are read as one sequence in file order.
+    lines they are read as one sequence in file order. Lines are split on
+    ``"\\n"`` alone, with the ``"\\r"`` of a CRLF ending removed, so the line
+    numbers in errors are the ones an editor shows; tokens are split on
+    spaces and tabs. Blank lines are skipped, and so is a line holding only
+    a user id (a user with no items).
 
     Raises:
         DataFormatError: ``"<file>:<line>: ..."`` for text that is not UTF-8
-            or a token that is not an integer; ``"<file>: ..."`` for an
-            empty or damaged compressed file.
+            or a token that is not an integer of ASCII digits (the user id
+            included, even when it stands alone on its line);
+            ``"<file>: ..."`` for an empty or damaged compressed file.
     """
     _require_file(path)
     with _reading(path), _open_binary(path) as handle:
@@ -653,21 +700,31 @@ def _read_sequences(path: Path, report: LoadReport) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1  # the line holding the bad byte
         raise DataFormatError(f"{path}:{line}: not UTF-8 ({err.reason})") from None
-    lines = pd.Series(text.splitlines(), dtype=str)
-    if lines.empty or (lines.str.strip() == "").all():
+    # Index i holds line i + 1. str.splitlines would also break at \r,
+    # U+2028 and other separators, shifting every later line number.
+    lines = pd.Series(text.split("\n"), dtype=str).str.removesuffix("\r").str.strip(" \t")
+    lines = lines[lines != ""]
+    if lines.empty:
         raise DataFormatError(f"{path}: the file is empty")
-    tokens = lines.str.split()
+    tokens = lines.str.split(r"[ \t]+", regex=True)  # each a non-empty list of str
+    # Checked per line, before the explode below drops lines without items.
+    users = tokens.str[0]
+    bad_user = ~users.str.fullmatch(_SEQUENCE_ID).to_numpy(dtype=bool)
+    if bad_user.any():
+        row = _first_bad(bad_user)
+        raise DataFormatError(
+            f"{path}:{users.index[row] + 1}: user ids must be integers, found {users.iloc[row]!r}"
+        )
     # explode keeps the line's index, so a bad token can be traced to its line.
-    pairs = pd.DataFrame({"user": tokens.str[0], "item": tokens.str[1:]}).explode("item")
-    pairs = pairs.dropna(subset=["item"])
-    for column in ("user", "item"):
-        ok = pairs[column].str.fullmatch(r"[+-]?\d{1,18}").to_numpy(dtype=bool)
-        if not ok.all():
-            row = _first_bad(~ok)
-            raise DataFormatError(
-                f"{path}:{pairs.index[row] + 1}: {column} ids must be integers, "
-                f"found {pairs[column].iloc[row]!r}"
-            )
+    pairs = pd.DataFrame({"user": users, "item": tokens.str[1:]}).explode("item")
+    pairs = pairs.dropna(subset=["item"])  # lines holding a user id alone
+    bad_item = ~pairs["item"].str.fullmatch(_SEQUENCE_ID).to_numpy(dtype=bool)
+    if bad_item.any():
+        row = _first_bad(bad_item)
+        raise DataFormatError(
+            f"{path}:{pairs.index[row] + 1}: item ids must be integers, "
+            f"found {pairs['item'].iloc[row]!r}"
+        )
     pairs = pairs.astype({"user": np.int64, "item": np.int64}).reset_index(drop=True)
     pairs["position"] = pairs.groupby("user", sort=False).cumcount().astype(np.int64)
     repeated = pairs.duplicated(["user", "item"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from typing import Sequence
@@ -82,6 +83,51 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (``inf``, ``nan``, 0 and below are usage errors, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def model_names(text: str) -> list[str]:
+    """An argparse ``type``: comma-separated distinct model names, all checked before any training."""
+    from dien_tutorial.model import MODEL_NAMES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no model; choose from {','.join(MODEL_NAMES)}")
+    unknown = [name for name in names if name not in MODEL_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r} in {text!r}; choose from "
+                                         f"{','.join(MODEL_NAMES)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"model {repeated[0]!r} is named twice in {text!r}")
+    return names
+
+
+def json_text(data) -> str:
+    """Strict JSON of ``data``: a NaN or infinite float (a metric that does not exist) becomes ``null``.
+
+    ``json.dumps`` would write ``NaN``, which strict JSON parsers refuse.
+    """
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=SOURCES, default="simulated",
                    help="where the behaviour log comes from (default: simulated)")
@@ -96,7 +142,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="model widths: tiny (tests) or paper (embedding 18, hidden 36, MLP 200-80)")
     p.add_argument("--epochs", type=int, default=5, help="maximum epochs (early stopping on valid AUC)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate (default 0.001)")
     p.add_argument("--patience", type=int, default=1,
                    help="epochs without a better valid AUC before stopping")
     p.add_argument("--data-seed", type=int, default=0,
@@ -155,7 +201,7 @@ def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
 
     from dien_tutorial.config import DIENConfig
     from dien_tutorial.model import build_model
-    from dien_tutorial.train import TrainConfig, evaluate, fit, seed_everything
+    from dien_tutorial.train import TrainConfig, TrainingDiverged, evaluate, fit, seed_everything
 
     preset = getattr(DIENConfig, args.preset)
     config = preset(n_items=len(samples.item_vocab), n_cates=len(samples.cate_vocab))
@@ -165,8 +211,12 @@ def _train_one(args: argparse.Namespace, samples, model_name: str, seed: int,
                        patience=args.patience, seed=seed, progress=not args.no_progress)
     ckpt = Path(out_dir) / "model.pt" if out_dir is not None else None
     t0 = time.perf_counter()
-    history = fit(model, samples.dataset("train"), samples.dataset("valid"), tcfg,
-                  checkpoint=ckpt, model_name=model_name, log=log)
+    try:
+        history = fit(model, samples.dataset("train"), samples.dataset("valid"), tcfg,
+                      checkpoint=ckpt, model_name=model_name, log=log)
+    except TrainingDiverged as err:  # name the run and the flag to change
+        raise TrainingDiverged(f"{model_name}, seed {seed}: {err}; on the command line, try "
+                               f"--lr {args.lr / 10:g}") from err
     wall = time.perf_counter() - t0
     test = evaluate(model, samples.dataset("test"), tcfg.eval_batch_size)
     return run_record(args, samples, model_name, seed, model, tcfg, history, test, wall)
@@ -179,11 +229,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     samples = _prepare(args)
     result = _train_one(args, samples, args.model, args.seed, out_dir=out)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"{args.model}: test auc {result['test_auc']:.4f}  gauc {result['test_gauc']:.4f}  "
-          f"logloss {result['test_logloss']:.4f}  {result['train_samples_per_s']:,.0f} train samples/s")
+    (out / "metrics.json").write_text(json_text(result))
+    print(f"{args.model}: test auc {_metric(result['test_auc'])}  gauc {_metric(result['test_gauc'])}  "
+          f"logloss {_metric(result['test_logloss'])}  {result['train_samples_per_s']:,.0f} train samples/s")
     print(f"wrote {out / 'metrics.json'} and {out / 'model.pt'}")
     return 0
+
+
+def _metric(value: float) -> str:
+    """A metric with 4 decimals, or ``n/a`` when it does not exist (GAUC without a user of both labels)."""
+    return f"{value:.4f}" if math.isfinite(value) else "n/a"
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -193,14 +248,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from dien_tutorial.model import MODEL_NAMES
 
     samples = _prepare(args)
-    models = args.models.split(",") if args.models else list(MODEL_NAMES)
+    models = args.models or list(MODEL_NAMES)  # names checked by the parser, before any training
     seeds = list(range(args.seeds))
     rows = []
     for name in models:
         for seed in seeds:
             r = _train_one(args, samples, name, seed, log=None)
-            print(f"  {name:12s} seed {seed}: test auc {r['test_auc']:.4f}  gauc {r['test_gauc']:.4f}  "
-                  f"logloss {r['test_logloss']:.4f}  {r['train_samples_per_s']:,.0f} samples/s  "
+            print(f"  {name:12s} seed {seed}: test auc {_metric(r['test_auc'])}  "
+                  f"gauc {_metric(r['test_gauc'])}  logloss {_metric(r['test_logloss'])}  "
+                  f"{r['train_samples_per_s']:,.0f} samples/s  "
                   f"{r['epochs_run']} epochs  {r['wall_seconds']:.0f} s", flush=True)
             rows.append(r)
     keys = ("test_auc", "test_gauc", "test_logloss", "train_samples_per_s")
@@ -212,17 +268,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         cells = []
         table[name] = {}
         for k in keys:
+            # A metric can be NaN for one run (GAUC when no user has both labels):
+            # the mean is over the runs that have it, and "seeds" says how many.
             v = np.array([r[k] for r in rs], dtype=float)
-            table[name][k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-            fmt = "{:,.0f} ± {:,.0f}" if k == "train_samples_per_s" else "{:.4f} ± {:.4f}"
-            cells.append(fmt.format(table[name][k]["mean"], table[name][k]["std"]))
+            v = v[np.isfinite(v)]
+            table[name][k] = {"mean": float(v.mean()) if len(v) else None,
+                              "std": float(v.std(ddof=1)) if len(v) > 1 else None, "seeds": int(len(v))}
+            fmt = "{:,.0f}" if k == "train_samples_per_s" else "{:.4f}"
+            cell = fmt.format(table[name][k]["mean"]) if len(v) else "n/a"
+            if len(v) > 1:
+                cell += " ± " + fmt.format(table[name][k]["std"])
+            cells.append(cell)
         print(f"{name:12s} " + " ".join(f"{c:>20s}" for c in cells))
     print(f"(mean ± standard deviation over seeds {seeds}; one split, data seed {args.data_seed})")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps({"table": table, "runs": rows}, indent=2,
-                                                     default=str) + "\n")
+        (out / "compare.json").write_text(json_text({"table": table, "runs": rows}))
         print(f"wrote {out / 'compare.json'}")
     return 0
 
@@ -257,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="train DIEN and its baselines, several seeds")
     _add_train_args(compare)
-    compare.add_argument("--models", default=None,
+    compare.add_argument("--models", type=model_names, default=None,
                          help=f"comma-separated subset of {','.join(MODEL_NAMES)}")
-    compare.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    compare.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 1 or more (default 3)")
     compare.add_argument("--out", default=None, help="folder for compare.json")
     compare.set_defaults(func=_cmd_compare, no_progress=True)
 

@@ -79,7 +79,6 @@ export never saw.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import io
 import os
@@ -777,29 +776,12 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def _fields_of_size(config: DIENConfig, size: int) -> list[str]:
-    """The config's integer fields whose value (or three times it, a GRU's gates) is ``size``."""
-    names = []
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value == size:
-                names.append(f"{item.name} = {value:,}")
-            elif 3 * value == size:
-                names.append(f"3 x {item.name} = 3 x {value:,}")
-    return names
-
-
-def _shape_text(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(f"{d:,}" for d in shape) + "]"
-
-
 def model_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint, after checking every field of the file.
 
-    Like :func:`dien_tutorial.train.model_from_checkpoint`, but nothing is
-    built before the file is known to describe a model that can be
-    exported:
+    The checks are those of :func:`dien_tutorial.train.model_from_checkpoint`
+    (the one loading path of the package), so nothing is built before the
+    file is known to describe a model that can be exported:
 
     - ``model_name`` is a string, ``model_config`` a dict that
       :meth:`DIENConfig.from_dict` accepts, ``model_state`` a dict of
@@ -808,8 +790,8 @@ def model_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict]:
       asks for. The expected shapes come from the model built on PyTorch's
       ``meta`` device, which allocates no memory, so a config with absurd
       sizes (``n_items = 2**40``) is reported, not allocated;
-    - every weight is finite: a model with NaN or inf weights would export,
-      then fail the parity check with NaN everywhere.
+    - every weight is finite and no running variance is negative: such a
+      model would export, then fail the parity check with NaN everywhere.
 
     Args:
         checkpoint: a file written by :func:`dien_tutorial.train.save_checkpoint`.
@@ -820,64 +802,12 @@ def model_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     Raises:
         FileNotFoundError: no checkpoint file.
         ValueError: an unreadable file, or a field that is missing, of the
-            wrong type, or disagrees with the config (the message names it).
+            wrong type, or disagrees with the config (the message names the
+            file and the field).
     """
-    from dien_tutorial.model import build_model
-    from dien_tutorial.train import load_checkpoint
+    from dien_tutorial.train import model_from_checkpoint
 
-    checkpoint = Path(checkpoint)
-    state = load_checkpoint(checkpoint)  # a dict with the three fields, read with weights_only=True
-    name, config_dict, weights = state["model_name"], state["model_config"], state["model_state"]
-    if not isinstance(name, str):
-        raise ValueError(f"{checkpoint}: the field 'model_name' must be a string such as 'dien', "
-                         f"got a {type(name).__name__}")
-    if not isinstance(config_dict, dict):
-        raise ValueError(f"{checkpoint}: the field 'model_config' must be a dict of DIENConfig fields, "
-                         f"got {type(config_dict).__name__}")
-    if not isinstance(weights, dict) or not weights:
-        got = "an empty dict" if isinstance(weights, dict) else type(weights).__name__
-        raise ValueError(f"{checkpoint}: the field 'model_state' must be a dict of weight tensors, got {got}")
-    config = DIENConfig.from_dict(config_dict)
-    for key, value in weights.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{checkpoint}: model_state[{key!r}] is a {type(value).__name__}, not a tensor")
-
-    with torch.device("meta"):  # shapes only: no memory, however large the config
-        expected = build_model(name, config).state_dict()
-    missing = [key for key in expected if key not in weights]
-    unexpected = [key for key in weights if key not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"lacks {len(missing)} weight(s) of model {name!r}, first {missing[0]!r}")
-        if unexpected:
-            parts.append(f"has {len(unexpected)} weight(s) model {name!r} does not have, first {unexpected[0]!r}")
-        raise ValueError(f"{checkpoint}: the weights do not fit model {name!r}: model_state "
-                         + " and ".join(parts) + " (was the checkpoint written for another model?)")
-    for key, want in expected.items():
-        got = weights[key]
-        if tuple(got.shape) == tuple(want.shape):
-            continue
-        detail = ""
-        if got.dim() == want.dim():
-            axis = next(i for i, (g, w) in enumerate(zip(got.shape, want.shape)) if g != w)
-            fields = _fields_of_size(config, int(want.shape[axis]))
-            if fields:
-                detail = f"; axis {axis} follows model_config's {' or '.join(fields)}"
-        raise ValueError(f"{checkpoint}: the weights do not fit the config: model_state[{key!r}] has shape "
-                         f"{_shape_text(got.shape)}, but model_config asks for {_shape_text(want.shape)}"
-                         f"{detail}")
-    for key, value in weights.items():
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{checkpoint}: model_state[{key!r}] holds {bad:,} NaN or infinite value(s) of "
-                             f"{value.numel():,}: the training diverged or the file is damaged, and such a "
-                             "model cannot be exported (its outputs would not be finite)")
-
-    model = build_model(name, config)
-    model.load_state_dict(weights)
-    model.eval()
-    return model, state
+    return model_from_checkpoint(checkpoint)
 
 
 def _check_out_path(checkpoint: Path, out: Path) -> None:

@@ -1233,31 +1233,53 @@ class DiceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        mean = x.mean(dim=0)  # [A]
-        centred = x - mean  # [B, A]
-        # The biased variance, from the centred values we need anyway
-        # (x.var(dim=0) took longer than all of Dice's other steps on CPU).
-        var = centred.square().mean(dim=0)  # [A]
-        inv_std = torch.rsqrt(var + eps)  # [A]
-        p = torch.sigmoid(centred * inv_std)  # [B, A]
-        one_minus_alpha = 1 - alpha  # [A]
-        scale = torch.addcmul(alpha, p, one_minus_alpha)  # [B, A]: alpha + p (1 - alpha)
-        ctx.save_for_backward(x, one_minus_alpha, mean, inv_std, p, scale)
+        out, saved, mean, var = dice_forward(x, alpha, eps)
+        ctx.save_for_backward(*saved)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        return x * scale, mean, var
+        return out, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, _mean: Tensor, _var: Tensor):
-        x, one_minus_alpha, mean, inv_std, p, scale = ctx.saved_tensors
-        grad_x = grad * x  # [B, A]
-        grad_x_q = torch.addcmul(grad_x, grad_x, p, value=-1)  # [B, A]: g x (1 - p)
-        d_alpha = grad_x_q.sum(dim=0)  # [A]
-        d_normed = grad_x_q.mul_(p).mul_(one_minus_alpha)  # [B, A]: d, in place
-        d_norm_in, _, _ = torch.ops.aten.native_batch_norm_backward(
-            d_normed, x, None, None, None, mean, inv_std, True, ctx.eps, [True, False, False])  # [B, A]
-        return torch.addcmul(d_norm_in, grad, scale), d_alpha, None  # [B, A], [A]
+        grad_x, grad_alpha = dice_backward(grad, ctx.saved_tensors, ctx.eps)
+        return grad_x, grad_alpha, None  # [B, A], [A]
+
+
+def dice_forward(x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+    """Dice with batch statistics, and what its backward needs.
+
+    Args:
+        x: ``[B, A]``.
+        alpha: ``[A]``.
+        eps: added to the variance.
+
+    Returns:
+        ``(out [B, A], saved, mean [A], var [A])``; ``saved`` goes to
+        :func:`dice_backward`.
+    """
+    mean = x.mean(dim=0)  # [A]
+    centred = x - mean  # [B, A]
+    # The biased variance, from the centred values we need anyway
+    # (x.var(dim=0) took longer than all of Dice's other steps on CPU).
+    var = centred.square().mean(dim=0)  # [A]
+    inv_std = torch.rsqrt(var + eps)  # [A]
+    p = torch.sigmoid(centred * inv_std)  # [B, A]
+    one_minus_alpha = 1 - alpha  # [A]
+    scale = torch.addcmul(alpha, p, one_minus_alpha)  # [B, A]: alpha + p (1 - alpha)
+    return x * scale, (x, one_minus_alpha, mean, inv_std, p, scale), mean, var
+
+
+def dice_backward(grad: Tensor, saved: tuple[Tensor, ...], eps: float) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`dice_forward`: ``dL/dout [B, A]`` -> ``(dL/dx [B, A], dL/dalpha [A])``."""
+    x, one_minus_alpha, mean, inv_std, p, scale = saved
+    grad_x = grad * x  # [B, A]
+    grad_x_q = torch.addcmul(grad_x, grad_x, p, value=-1)  # [B, A]: g x (1 - p)
+    d_alpha = grad_x_q.sum(dim=0)  # [A]
+    d_normed = grad_x_q.mul_(p).mul_(one_minus_alpha)  # [B, A]: d, in place
+    d_norm_in, _, _ = torch.ops.aten.native_batch_norm_backward(
+        d_normed, x, None, None, None, mean, inv_std, True, eps, [True, False, False])  # [B, A]
+    return torch.addcmul(d_norm_in, grad, scale), d_alpha  # [B, A], [A]
 
 
 def make_activation(name: str, width: int) -> nn.Module:

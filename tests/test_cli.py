@@ -287,3 +287,93 @@ def test_run_all_din_section_ratios_and_table(run_all):
     assert "| 256 | 60,000 (60,000 / 60,000) | 750 (750 / 750) | 80.00× |" in text
     assert "| dien_tutorial | 61,000 | 0.6000 |" in text and "| torch-rechub | 7,000 | 0.5500 |" in text
     assert "one full epoch" in text
+
+
+# ---------------------------------------------------------------------- #
+# train and compare: usage errors before training, a diverging run, strict JSON
+# ---------------------------------------------------------------------- #
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_compare_seeds_must_be_positive(value, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--seeds", value, "--out", str(out)])
+    assert exc.value.code == 2
+    assert f"argument --seeds: expected a positive integer (1 or more), got {value}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("dien,foo", "unknown model 'foo' in 'dien,foo'; choose from dien,din,gru_att,dien_no_aux"),
+    (",", "',' names no model; choose from dien,din,gru_att,dien_no_aux"),
+    ("din,dien,din", "model 'din' is named twice in 'din,dien,din'"),
+])
+def test_compare_models_are_all_checked_before_any_training(value, message, monkeypatch, tmp_path, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before every name was checked")
+
+    monkeypatch.setattr("dien_tutorial.cli._prepare", no_training)
+    monkeypatch.setattr("dien_tutorial.cli._train_one", no_training)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--models", value, "--out", str(tmp_path / "cmp")])
+    assert exc.value.code == 2
+    assert f"argument --models: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("value, message", [
+    ("inf", "expected a finite number > 0, got 'inf'"),
+    ("nan", "expected a finite number > 0, got 'nan'"),
+    ("0", "expected a finite number > 0, got '0'"),
+    ("-1e-3", "expected a finite number > 0, got '-1e-3'"),
+    ("fast", "expected a positive number, got 'fast'"),
+])
+def test_lr_must_be_a_finite_positive_number(command, value, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main([command, f"--lr={value}", "--out", str(out)])  # "=": "-1e-3" alone reads as an option
+    assert exc.value.code == 2
+    assert f"argument --lr: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_train_that_diverges_exits_2_naming_the_epoch_and_the_flag(tmp_path, capsys):
+    rows = [f"{u},{(u * 3 + k) % 10},{1000 + k * 100},{(u * 3 + k) % 10 % 3}" for u in range(40) for k in range(8)]
+    path = tmp_path / "clicks.csv"  # 40 users, 8 clicks each
+    path.write_text("\n".join(["user_id,item_id,time,cate_id", *rows]) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--source", "csv", "--path", str(path), "--preset", "tiny", "--epochs", "1",
+                 "--no-progress", "--lr", "1e4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dien, seed 0: training diverged in epoch 0")
+    assert "Try a smaller learning rate than lr = 10000" in err and err.rstrip().endswith("try --lr 1000")
+    assert "Input contains NaN" not in err
+    assert sorted(p.name for p in out.iterdir()) == []  # no model.pt, no model.pt.last, no metrics.json
+
+
+def test_compare_json_is_strict_json_with_null_for_missing_values(monkeypatch, tmp_path, capsys):
+    nan = float("nan")
+    results = {("din", 0): (0.61, nan), ("din", 1): (0.63, nan), ("dien", 0): (0.70, 0.66)}
+
+    def fake_train_one(args, samples, model_name, seed, out_dir=None, log=print):
+        auc, g = results[(model_name, seed)]
+        return {"model": model_name, "seed": seed, "test_auc": auc, "test_gauc": g, "test_logloss": 0.5,
+                "train_samples_per_s": 1000.0, "epochs_run": 1, "wall_seconds": 1.0,
+                "history": [{"epoch": 0, "samples_per_s": nan}]}
+
+    monkeypatch.setattr("dien_tutorial.cli._prepare", lambda args: None)
+    monkeypatch.setattr("dien_tutorial.cli._train_one", fake_train_one)
+    assert main(["compare", "--models", "din", "--seeds", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main(["compare", "--models", "dien", "--seeds", "1", "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "n/a" in text and "nan" not in text.lower()
+
+    def refuse(constant):
+        raise AssertionError(f"compare.json holds {constant}, which is not JSON")
+
+    two = json.loads((tmp_path / "a" / "compare.json").read_text(), parse_constant=refuse)
+    one = json.loads((tmp_path / "b" / "compare.json").read_text(), parse_constant=refuse)
+    assert two["table"]["din"]["test_auc"] == {"mean": pytest.approx(0.62), "std": pytest.approx(0.0141421356),
+                                               "seeds": 2}
+    assert two["table"]["din"]["test_gauc"] == {"mean": None, "std": None, "seeds": 0}  # no seed has it
+    assert two["runs"][0]["test_gauc"] is None and two["runs"][0]["history"][0]["samples_per_s"] is None
+    assert one["table"]["dien"]["test_gauc"] == {"mean": 0.66, "std": None, "seeds": 1}  # one seed: no spread

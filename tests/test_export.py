@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -440,3 +441,27 @@ def test_exported_file_gets_the_mode_of_a_normal_new_file(checkpoint, tmp_path, 
         os.umask(before)
     assert report.path.stat().st_mode & 0o777 == mode
     assert report.parity.ok and _folder_listing(tmp_path / "out") == ["m.onnx"]
+
+
+def test_negative_running_variance_is_refused_at_load_naming_the_buffer(tmp_path, capsys):
+    model = tiny_model("dien", "augru")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k in weights if k.endswith("running_var"))
+    weights[key].fill_(-1.0)
+    path = _save_raw(tmp_path / "model.pt", model_state=weights)
+    message = (f"{path}: model_state[{key!r}] holds {weights[key].numel()} negative value(s) of "
+               f"{weights[key].numel()} (smallest -1): a running variance cannot be negative")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export_checkpoint(path, tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert _folder_listing(tmp_path) == ["model.pt"]
+
+
+def test_config_that_fails_validation_names_the_checkpoint(tmp_path, capsys):
+    model = tiny_model("dien", "augru")
+    path = _save_raw(tmp_path / "model.pt", model_config={**model.config.to_dict(), "item_dim": "4"})
+    message = (f"{path}: the field 'model_config' is not a valid config: DIENConfig.item_dim must be a "
+               "positive int, got '4'")
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"

@@ -1233,7 +1233,7 @@ class DiceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        out, saved, mean, var = dice_forward(x, alpha, eps)
+        out, mean, var, saved = dice_forward(x, alpha, eps)
         ctx.save_for_backward(*saved)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -1242,12 +1242,15 @@ class DiceFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, _mean: Tensor, _var: Tensor):
-        grad_x, grad_alpha = dice_backward(grad, ctx.saved_tensors, ctx.eps)
+        grad_x, grad_alpha = dice_backward(grad, list(ctx.saved_tensors), ctx.eps)
         return grad_x, grad_alpha, None  # [B, A], [A]
 
 
-def dice_forward(x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+def dice_forward(x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Dice with batch statistics, and what its backward needs.
+
+    Plain tensor code, so that TorchScript can compile it into the
+    hand-written DIN step (:mod:`dien_tutorial.din_step`) as well.
 
     Args:
         x: ``[B, A]``.
@@ -1255,7 +1258,7 @@ def dice_forward(x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, tuple[Te
         eps: added to the variance.
 
     Returns:
-        ``(out [B, A], saved, mean [A], var [A])``; ``saved`` goes to
+        ``(out [B, A], mean [A], var [A], saved)``; ``saved`` goes to
         :func:`dice_backward`.
     """
     mean = x.mean(dim=0)  # [A]
@@ -1264,13 +1267,13 @@ def dice_forward(x: Tensor, alpha: Tensor, eps: float) -> tuple[Tensor, tuple[Te
     # (x.var(dim=0) took longer than all of Dice's other steps on CPU).
     var = centred.square().mean(dim=0)  # [A]
     inv_std = torch.rsqrt(var + eps)  # [A]
-    p = torch.sigmoid(centred * inv_std)  # [B, A]
+    p = centred.mul_(inv_std).sigmoid_()  # [B, A], in place: centred is not needed again
     one_minus_alpha = 1 - alpha  # [A]
     scale = torch.addcmul(alpha, p, one_minus_alpha)  # [B, A]: alpha + p (1 - alpha)
-    return x * scale, (x, one_minus_alpha, mean, inv_std, p, scale), mean, var
+    return x * scale, mean, var, [x, one_minus_alpha, mean, inv_std, p, scale]
 
 
-def dice_backward(grad: Tensor, saved: tuple[Tensor, ...], eps: float) -> tuple[Tensor, Tensor]:
+def dice_backward(grad: Tensor, saved: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     """The gradients of :func:`dice_forward`: ``dL/dout [B, A]`` -> ``(dL/dx [B, A], dL/dalpha [A])``."""
     x, one_minus_alpha, mean, inv_std, p, scale = saved
     grad_x = grad * x  # [B, A]

@@ -63,7 +63,8 @@ DICE_MOMENTUM = 0.1
 def scripted(fn: Callable) -> Callable:
     """``torch.jit.script(fn)``: the function compiled by TorchScript.
 
-    The packed GRU loops below are compiled once, when this module is
+    The packed GRU loops below and DIN's hand-written training step
+    (:mod:`dien_tutorial.din_step`) are compiled once, when their module is
     imported, and ONNX export (:mod:`dien_tutorial.export`) compiles
     :func:`evolve_interest` when it runs. Torch 2.13 marks
     ``torch.jit.script`` deprecated; it still works, so that one warning is

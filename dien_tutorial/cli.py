@@ -1,4 +1,4 @@
-"""Command line: ``python -m dien_tutorial <command>``.
+"""Command line: python -m dien_tutorial <command>.
 
 Commands:
     data     load a behaviour log, build DIEN samples, print their statistics.
@@ -232,7 +232,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json_text(result))
     print(f"{args.model}: test auc {_metric(result['test_auc'])}  gauc {_metric(result['test_gauc'])}  "
           f"logloss {_metric(result['test_logloss'])}  {result['train_samples_per_s']:,.0f} train samples/s")
-    print(f"wrote {out / 'metrics.json'} and {out / 'model.pt'}")
+    print(f"wrote {out / 'metrics.json'}, {out / 'model.pt'} (the best epoch) and {out / 'model.pt.last'} "
+          "(the last epoch, for resuming)")
     return 0
 
 

@@ -154,14 +154,38 @@ to 1.5): DIEN batch 256 5.28x torch-rechub at 1 thread (5.14x at 2),
 batch 4096 4.57x (4.74x), DIN batch 256 8.54x (5.65x at 2 threads, where
 torch-rechub's large padded products gain from the second core and ours
 do not); ``make bench`` in the same hour gave DIEN 5.48x and 4.49x.
-What is left in a DIN step (about 3.8 ms on a
-quiet machine) is some 1 ms of matrix products (forward and backward of
-the attention MLP on the valid steps and of the head), Adam (0.2 to
-0.35 ms in different profiles, more than half of it Python), and about
-250 small operations and their autograd bookkeeping, each a few
-microseconds. ``torch.compile`` of the forward and loss, tried as is
-(graph breaks at the packing's ``tolist`` and the lookup's padding
-check), took 24 s to compile and made the DIN step 8% faster.
+What was left in a DIN step then (about 3.8 ms on a quiet machine) was
+some 1 ms of matrix products (forward and backward of the attention MLP
+on the valid steps and of the head), Adam (0.2 to 0.35 ms in different
+profiles, more than half of it Python), and about 250 small operations
+and their autograd bookkeeping, each a few microseconds. ``torch.compile``
+of the forward and loss, tried as is (graph breaks at the packing's
+``tolist`` and the lookup's padding check), took 24 s to compile and made
+the DIN step 8% faster.
+
+A fourth round, for DIN only (same in-process A/B, 1 thread):
+
+12. ``dien_tutorial/din_step.py``: DIN's training step with the chain rule
+    written out, no autograd, the gradients stored in ``.grad``
+    (``train_step`` uses it for the plain DIN). About 190 operations
+    instead of 265: a step with the optimizer and the batch gather went
+    from 3.82-4.20 to 3.32-3.65 ms. Then its valid steps packed user by
+    user (no sorting: nothing in DIN runs step by step), the sigmoid's
+    backward as one kernel, Dice's forward in place: 3.22 -> 2.99 ms.
+    Then the whole step compiled with TorchScript: 3.22 -> 2.72-2.96 ms.
+    Gradients equal autograd's within 1e-12 (float64) and 3e-8 (float32).
+
+Measured after it: this script's full run gave DIEN batch 256 5.24x at 1
+thread (4.99x at 2), batch 4096 4.62x (4.85x), DIN batch 256 10.62x
+(89,888 against 8,467 samples/s; 7.91x at 2 threads), one epoch of DIN
+89,716 against 9,351 samples/s (9.59x), test AUC 0.7006 against 0.6867.
+``make bench`` in the same hour: DIEN 5.23x and 5.31x, DIN 10.65x in
+fresh workers (83,488 against 7,841), one epoch 9.86x. The DIN ratio
+depends on the state of glibc's allocator in torch-rechub's process:
+in workers that had trained DIEN first, an earlier ``make bench`` run of
+the same code gave 9.14x (87,513 against 9,579), and ``--only din:256``
+with ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824``
+gave 9.56x (90,814 against 9,497), against 10.5x to 11.0x without them.
 
 What the AUC runs showed
 ------------------------

@@ -5,7 +5,7 @@ recurrence: it embeds the target and the valid history steps, scores each
 step with the attention MLP, pools the history with the softmax of the
 scores, and sends ``[e_target, sum_t e_t, e_target * sum_t e_t, interest]``
 through the Dice head. At batch 256 on Amazon Toys that is about 1 ms of
-matrix products and some 250 small operations; autograd records every one
+matrix products and some 265 small operations; autograd records every one
 of them, replays each backwards with its own bookkeeping, and then hands
 the gradients to the parameters one by one. Once the arithmetic had been
 trimmed, that bookkeeping was the larger part of a DIN step.
@@ -19,8 +19,9 @@ the optimizer's step, a DIN step at batch 256 went from about 3.9 to 2.8
 ms (1 thread; ``benchmarks/bench_train.py`` has the measurements).
 :func:`dien_tutorial.train.train_step` uses it for DIN whenever
 :func:`applies` says the model is the plain DIN it was written for; every
-other model, and DIN with dropout, PReLU, hooks or frozen parameters, goes
-through autograd. ``tests/test_din_step.py`` checks the loss, every
+other model, and DIN with dropout, PReLU, hooks, frozen or parametrized
+weights, or a subclass or stand-in for one of its modules, goes through
+autograd. ``tests/test_din_step.py`` checks the loss, every
 gradient and the Dice running estimates against autograd. This step
 repeats DIN's forward computation: a change to the code of DIN's layers
 must be made here too, and that test fails until it is.
@@ -59,10 +60,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from dien_tutorial.data.samples import Batch
-from dien_tutorial.layers import Dice, dice_backward, dice_forward, scripted
-from dien_tutorial.model import DIEN, check_inputs
+from dien_tutorial.layers import MLP, AttentionUnit, Dice, dice_backward, dice_forward, scripted
+from dien_tutorial.model import DIEN, BehaviourEmbedding, check_inputs, id_range_error
 
 
 class _Parts(NamedTuple):
@@ -84,39 +86,49 @@ def _parts(model: nn.Module) -> _Parts | None:
     """The layers of ``model`` if it is the plain DIN this step is written for, else None.
 
     That is a DIN built by ``build_model("din", ...)``, in training mode,
-    with a Dice head and no dropout, whose parameters all require a
-    gradient, and without hooks on its modules or parameters (the
+    with a Dice head and no dropout, made of exactly the package's classes
+    (not subclasses or stand-ins, whose ``forward`` could differ), with
+    dense embedding tables, no parametrized weights, every parameter
+    requiring a gradient, and no hooks on its modules or parameters (the
     hand-written step calls no module, so it would skip them). The checks
     touch only the layers themselves: walking ``model.parameters()`` alone
     would cost about 15 us a step.
     """
-    if not isinstance(model, DIEN) or not model.training:
+    if type(model) is not DIEN or not model.training:
         return None
     if model.extractor is not None or model.evolving is not None or model.aux is not None:
         return None
-    attention, head = model.attention, model.head
-    if not isinstance(attention.query_proj, nn.Identity):
+    embedding, attention, head = model.embedding, model.attention, model.head
+    if (type(embedding) is not BehaviourEmbedding or type(attention) is not AttentionUnit
+            or type(head) is not MLP):
+        return None
+    if type(attention.query_proj) is not nn.Identity or type(attention.first) is not nn.Linear:
+        return None
+    if type(attention.rest) is not nn.Sequential or type(head.layers) is not nn.Sequential:
+        return None
+    tables = (embedding.item, embedding.cate)
+    if any(type(t) is not nn.Embedding or t.sparse or t.max_norm is not None for t in tables):
         return None
     rest, layers = list(attention.rest), list(head.layers)
     # rest: Sigmoid, Linear, Sigmoid, Linear, ...; layers: Linear, Dice, ..., Linear.
     if not rest or len(rest) % 2 or len(layers) % 2 == 0:
         return None
-    if any(not isinstance(m, nn.Sigmoid if i % 2 == 0 else nn.Linear) for i, m in enumerate(rest)):
+    if any(type(m) is not (nn.Sigmoid if i % 2 == 0 else nn.Linear) for i, m in enumerate(rest)):
         return None
-    if any(not isinstance(m, nn.Linear if i % 2 == 0 else Dice) for i, m in enumerate(layers)):
+    if any(type(m) is not (nn.Linear if i % 2 == 0 else Dice) for i, m in enumerate(layers)):
         return None
-    modules = [model, model.embedding, model.embedding.item, model.embedding.cate, attention,
-               attention.query_proj, attention.first, attention.rest, *rest, head, head.layers, *layers]
+    modules = [model, embedding, *tables, attention, attention.query_proj, attention.first, attention.rest,
+               *rest, head, head.layers, *layers]
     if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-           for m in modules) or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
+           or is_parametrized(m) for m in modules) or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
         return None
-    parts = _Parts(model.embedding.item, model.embedding.cate, attention.first, rest[1::2], layers[0::2],
-                   layers[1::2])
+    parts = _Parts(embedding.item, embedding.cate, attention.first, rest[1::2], layers[0::2], layers[1::2])
     params = [parts.item.weight, parts.cate.weight]
     for layer in (parts.first, *parts.tail, *parts.linears):
         params += [layer.weight, layer.bias]
     params += [dice.alpha for dice in parts.dices]
-    if any(p is None or not p.requires_grad or p._backward_hooks for p in params):
+    if any(p is None or not p.requires_grad or p._backward_hooks or p._post_accumulate_grad_hooks
+           for p in params):
         return None
     return parts
 
@@ -151,15 +163,26 @@ def din_loss_and_gradients(model: nn.Module, batch: Batch) -> Tensor | None:
     if parts is None:
         return None
     check_inputs(batch.item, batch.cate, batch.hist_item, batch.hist_cate, batch.length, None, None)
+    if batch.item.shape[0] == 0:
+        raise ValueError("a training batch needs at least one sample (Dice's batch statistics need one)")
     first, tail, linears, dices = parts.first, parts.tail, parts.linears, parts.dices
-    with torch.no_grad():
-        loss, g_item, g_cate, g_first_w, g_first_b, g_tail_w, g_tail_b, g_head_w, g_head_b, g_alpha = _DIN_STEP(
-            batch.item, batch.cate, batch.hist_item, batch.hist_cate, batch.length, batch.label,
-            parts.item.weight, parts.cate.weight, _padding_row(parts.item), _padding_row(parts.cate),
-            first.weight, first.bias, [m.weight for m in tail], [m.bias for m in tail],
-            [m.weight for m in linears], [m.bias for m in linears],
-            [d.alpha for d in dices], [d.running_mean for d in dices], [d.running_var for d in dices],
-            [d.eps for d in dices], [d.momentum for d in dices])
+    try:
+        with torch.no_grad():
+            result = _DIN_STEP(
+                batch.item, batch.cate, batch.hist_item, batch.hist_cate, batch.length, batch.label,
+                parts.item.weight, parts.cate.weight, _padding_row(parts.item), _padding_row(parts.cate),
+                first.weight, first.bias, [m.weight for m in tail], [m.bias for m in tail],
+                [m.weight for m in linears], [m.bias for m in linears],
+                [d.alpha for d in dices], [d.running_mean for d in dices], [d.running_var for d in dices],
+                [d.eps for d in dices], [d.momentum for d in dices])
+    except (IndexError, RuntimeError):  # a failed lookup; name the argument if an id is out of range
+        valid = torch.arange(batch.hist_item.shape[1]) < batch.length.unsqueeze(1)
+        error = id_range_error(model.config, valid, item=batch.item, cate=batch.cate,
+                               hist_item=batch.hist_item, hist_cate=batch.hist_cate)
+        if error is None:
+            raise
+        raise error from None
+    loss, g_item, g_cate, g_first_w, g_first_b, g_tail_w, g_tail_b, g_head_w, g_head_b, g_alpha = result
     parts.item.weight.grad, parts.cate.weight.grad = g_item, g_cate
     first.weight.grad, first.bias.grad = g_first_w, g_first_b
     for layer, g_w, g_b in zip(tail, g_tail_w, g_tail_b):

@@ -1189,6 +1189,8 @@ class Dice(nn.Module):
             ``[B, A]``.
         """
         if self.training:
+            if x.shape[0] == 0:  # the batch-norm kernel of the backward cannot take it
+                raise ValueError("Dice in training mode needs a batch of at least one row, got 0")
             # DiceFunction: the computation below with batch statistics and
             # a hand-written backward.
             out, mean, var = DiceFunction.apply(x, self.alpha, self.eps)

@@ -155,8 +155,8 @@ def check_inputs(item: Tensor, cate: Tensor, hist_item: Tensor, hist_cate: Tenso
     if neg_hist_item is not None:
         ids.update(neg_hist_item=neg_hist_item, neg_hist_cate=neg_hist_cate)
     for name, t in ids.items():
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"model input '{name}' must hold integers, got dtype {t.dtype}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"model input '{name}' must hold int64 or int32 integers, got dtype {t.dtype}")
     if item.dim() != 1 or cate.shape != item.shape:
         raise ValueError(f"model inputs 'item' and 'cate' must both be [B]; got {list(item.shape)} and "
                          f"{list(cate.shape)}")
@@ -177,11 +177,13 @@ def check_inputs(item: Tensor, cate: Tensor, hist_item: Tensor, hist_cate: Tenso
                              f"'hist_item'); got values from {low} to {high}")
 
 
-def id_range_error(config: DIENConfig, **ids: Tensor | None) -> ValueError | None:
+def id_range_error(config: DIENConfig, valid: Tensor | None = None, **ids: Tensor | None) -> ValueError | None:
     """The error to raise when a lookup failed: the first argument with an id outside its table.
 
     Args:
         config: gives the table sizes ``n_items`` and ``n_cates``.
+        valid: ``[B, T]``, the history slots that were looked up; None for
+            all of them. Padding that was never looked up is not blamed.
         ids: the model's id arguments by name (``item``, ``hist_cate``, ...);
             None entries are skipped.
 
@@ -190,6 +192,8 @@ def id_range_error(config: DIENConfig, **ids: Tensor | None) -> ValueError | Non
         if every id is in range (the failure had another cause).
     """
     for name, t in ids.items():
+        if t is not None and valid is not None and t.dim() == 2:
+            t = t[valid]  # [P]: the looked-up slots only
         if t is None or t.numel() == 0:
             continue
         size, field = (config.n_cates, "n_cates") if name.endswith("cate") else (config.n_items, "n_items")
@@ -357,8 +361,8 @@ class DIEN(nn.Module):
         try:
             embedded = self.embedding(torch.cat([i for i, _ in ids]), torch.cat([c for _, c in ids]))
         except IndexError:
-            error = id_range_error(self.config, item=item, cate=cate, hist_item=hist_item, hist_cate=hist_cate,
-                                   neg_hist_item=neg_hist_item if with_aux else None,
+            error = id_range_error(self.config, mask, item=item, cate=cate, hist_item=hist_item,
+                                   hist_cate=hist_cate, neg_hist_item=neg_hist_item if with_aux else None,
                                    neg_hist_cate=neg_hist_cate if with_aux else None)
             if error is None:
                 raise

@@ -481,6 +481,16 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch,
     return main.detach(), aux.detach()
 
 
+def _normalised(config: dict) -> dict:
+    """A config dict as :meth:`DIENConfig.to_dict` writes it (tuples and lists alike), if it is one."""
+    from dien_tutorial.config import DIENConfig
+
+    try:
+        return DIENConfig.from_dict(config).to_dict()
+    except (ValueError, TypeError):  # not a valid config: compare it as it is, field by field
+        return config
+
+
 def _config_differences(stored: dict, current: dict) -> list[str]:
     """``"evolving is 'augru' there, 'agru' here"`` for every field in which two config dicts differ."""
     absent = object()
@@ -514,7 +524,7 @@ def _state_to_resume(path: Path, model: torch.nn.Module, model_name: str, model_
     if not isinstance(stored, dict):
         raise ValueError(f"{path}: the field 'model_config' must be a dict of DIENConfig fields, "
                          f"got {type(stored).__name__}")
-    differences = _config_differences(stored, model_config)
+    differences = _config_differences(_normalised(stored), _normalised(model_config))
     if differences:
         raise ValueError(f"{path}: cannot resume: the checkpoint was written for another configuration: "
                          + "; ".join(differences)

@@ -142,3 +142,74 @@ def test_a_batch_that_breaks_the_contract_is_an_error():
     batch = batch_of(model, [2, 3])
     with pytest.raises(ValueError, match=r"model input 'length' must be in 0\.\.T = 0\.\.3"):
         din_step.din_loss_and_gradients(model, batch._replace(length=torch.tensor([2, 4])))
+
+
+class _LinearWithItsOwnForward(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(2 * x)
+
+
+@pytest.mark.parametrize("change", ["subclassed_layer", "replaced_head", "parametrized", "post_accumulate_hook",
+                                    "sparse_table", "subclassed_model"])
+def test_changed_layers_go_through_autograd(change):
+    model = din()
+    if change == "subclassed_layer":
+        old = model.head.layers[0]
+        new = _LinearWithItsOwnForward(old.in_features, old.out_features)
+        new.load_state_dict(old.state_dict())
+        model.head.layers[0] = new
+    elif change == "replaced_head":
+        model.head = torch.nn.Sequential(torch.nn.Linear(model.head.layers[0].in_features, 1), torch.nn.Flatten(0))
+    elif change == "parametrized":
+        torch.nn.utils.parametrizations.weight_norm(model.head.layers[0])
+    elif change == "post_accumulate_hook":
+        model.attention.first.weight.register_post_accumulate_grad_hook(lambda p: None)
+    elif change == "sparse_table":
+        model.embedding.item.sparse = True
+    else:
+        model.__class__ = type("MyDIN", (type(model),), {})
+    assert not din_step.applies(model)
+    assert din_step.din_loss_and_gradients(model, batch_of(model, [2, 3])) is None
+
+
+def test_train_step_of_a_changed_din_equals_autograd():
+    model = din()
+    old = model.head.layers[0]
+    new = _LinearWithItsOwnForward(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    model.head.layers[0] = new
+    reference = copy.deepcopy(model)
+    batch = batch_of(model, [3, 1, 4])
+    train_step(model, make_optimizer(model, TrainConfig()), batch, alpha=0.0)
+    opt = make_optimizer(reference, TrainConfig())
+    autograd_step(reference, batch)
+    opt.step()
+    for (name, want), got in zip(reference.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+
+
+def test_an_id_outside_its_table_names_the_input_and_padding_is_not_blamed():
+    model = din()
+    batch = batch_of(model, [2, 1], pad_to=4)
+    hist_item = batch.hist_item.clone()
+    hist_item[0, 3] = 10**6  # padding: never looked up
+    hist_cate = batch.hist_cate.clone()
+    hist_cate[1, 0] = 99  # a valid step
+    with pytest.raises(ValueError, match=r"model input 'hist_cate' holds ids from \d+ to 99, outside the "
+                                         rf"table's 0\.\.{model.config.n_cates - 1}"):
+        din_step.din_loss_and_gradients(model, batch._replace(hist_item=hist_item, hist_cate=hist_cate))
+
+
+def test_an_empty_training_batch_is_an_error():
+    model = din()
+    with pytest.raises(ValueError, match="a training batch needs at least one sample"):
+        din_step.din_loss_and_gradients(model, batch_of(model, [2])._replace(
+            user=torch.zeros(0, dtype=torch.int64), item=torch.zeros(0, dtype=torch.int64),
+            cate=torch.zeros(0, dtype=torch.int64), label=torch.zeros(0),
+            hist_item=torch.zeros(0, 2, dtype=torch.int64), hist_cate=torch.zeros(0, 2, dtype=torch.int64),
+            length=torch.zeros(0, dtype=torch.int64)))
+    model.head.layers[2].register_forward_hook(lambda *args: None)  # the autograd path: Dice refuses it too
+    with pytest.raises(ValueError, match="Dice in training mode needs a batch of at least one row"):
+        model(item=torch.zeros(0, dtype=torch.int64), cate=torch.zeros(0, dtype=torch.int64),
+              hist_item=torch.zeros(0, 2, dtype=torch.int64), hist_cate=torch.zeros(0, 2, dtype=torch.int64),
+              length=torch.zeros(0, dtype=torch.int64))

@@ -242,7 +242,7 @@ def test_inputs_of_the_wrong_dtype_or_shape_are_an_error(padded):
     batch = make_batch(model.config, [3, 2], steps=8)
     forward = model.forward_padded if padded else model
     cases = [
-        ({"length": torch.tensor([2.5, 2.0])}, "model input 'length' must hold integers, got dtype torch.float32"),
+        ({"length": torch.tensor([2.5, 2.0])}, "model input 'length' must hold int64 or int32 integers, got dtype torch.float32"),
         ({"hist_cate": batch["hist_cate"][:, :5]},
          r"model input 'hist_cate' must have the shape of 'hist_item', \[2, 8\]; got \[2, 5\]"),
         ({"neg_hist_item": batch["neg_hist_item"][:1]},
@@ -267,7 +267,10 @@ def test_an_id_outside_its_table_is_an_error_naming_the_input(padded, field, val
     batch[field] = batch[field].clone()
     batch[field].view(-1)[0] = value  # the first slot: valid for every field (the first user has 3 steps)
     size = getattr(model.config, table)
-    low, high = int(batch[field].min()), int(batch[field].max())
+    looked_up = batch[field]
+    if not padded and looked_up.dim() == 2:  # forward looks up the valid slots only, and blames only them
+        looked_up = looked_up[torch.arange(8) < batch["length"].unsqueeze(1)]
+    low, high = int(looked_up.min()), int(looked_up.max())
     assert low < 0 or high >= size
     forward = model.forward_padded if padded else model
     message = (f"model input '{field}' holds ids from {low} to {high}, outside the table's 0..{size - 1} "

@@ -250,6 +250,18 @@ def test_resume_from_another_variant_is_refused_naming_file_and_field(samples, t
     assert (tmp_path / "model.pt.last").read_bytes() == before  # nor overwritten
 
 
+def test_resume_from_a_config_written_with_tuples_continues(samples, tmp_path):
+    ckpt = _one_epoch(samples, tmp_path)
+    state = torch.load(f"{ckpt}.last", weights_only=True)
+    config = state["model_config"]
+    state["model_config"] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    assert any(isinstance(v, tuple) for v in state["model_config"].values())  # e.g. attention_widths
+    torch.save(state, f"{ckpt}.last")
+    model = build_model("dien", _config(samples, evolving="augru"))
+    history = _resume(samples, ckpt, model)
+    assert [e["epoch"] for e in history.epochs] == [0, 1]
+
+
 def test_resume_under_another_model_name_is_refused(samples, tmp_path):
     ckpt = _one_epoch(samples, tmp_path)
     model = build_model("dien", _config(samples, evolving="augru"))

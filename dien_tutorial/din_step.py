@@ -60,7 +60,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrize import is_parametrized
 
 from dien_tutorial.data.samples import Batch
 from dien_tutorial.layers import MLP, AttentionUnit, Dice, dice_backward, dice_forward, scripted
@@ -119,8 +118,10 @@ def _parts(model: nn.Module) -> _Parts | None:
         return None
     modules = [model, embedding, *tables, attention, attention.query_proj, attention.first, attention.rest,
                *rest, head, head.layers, *layers]
+    # (A parametrized weight changes its module's class, so the exact types
+    # above already send torch.nn.utils.parametrize out to autograd.)
     if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-           or is_parametrized(m) for m in modules) or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
+           for m in modules) or any(getattr(nn.modules.module, name) for name in _GLOBAL_HOOKS):
         return None
     parts = _Parts(embedding.item, embedding.cate, attention.first, rest[1::2], layers[0::2], layers[1::2])
     params = [parts.item.weight, parts.cate.weight]

@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import os
 import sys
 import tempfile
@@ -746,8 +745,10 @@ def check_outputs(out: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (:func:`dien_tutorial.train.write_atomically`)."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    """Write strict JSON atomically (:func:`dien_tutorial.train.write_atomically`); NaN becomes null."""
+    from dien_tutorial.cli import json_text
+
+    text = json_text(data)
     write_atomically(path, lambda fh: fh.write(text.encode()))
 
 

@@ -341,3 +341,14 @@ def test_threads_must_be_a_positive_integer(value, tmp_path, capsys):
     assert stopped.value.code == 2
     assert "argument --threads: expected a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    import json
+
+    from dien_tutorial.distributed import _write_json
+
+    _write_json(tmp_path / "metrics.json", {"test_gauc": float("nan"), "test_auc": 0.75, "runs": [float("inf")]})
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"test_gauc": None, "test_auc": 0.75, "runs": [None]}

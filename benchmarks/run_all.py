@@ -252,19 +252,25 @@ def ask(worker: Worker, record: list, label: dict, **request) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def timed_rounds(workers: dict, kinds: list[str], runs: list[dict], rounds: int, label: dict, title: str,
+                 **request) -> None:
+    """Training throughput runs, alternating the frameworks round by round (1 thread)."""
+    for r in range(rounds):
+        for kind in rotate(kinds, r):
+            a = ask(workers[kind], runs, {"phase": "throughput", **label, "round": r}, cmd="train", threads=1,
+                    **request)
+            if "samples_per_s" in a:
+                say(f"    {title} round {r}  {NAMES[kind]:14s} {a['samples_per_s']:9,.0f} samples/s  "
+                    f"({a['steps']} steps, {a['seconds']:.1f} s, load {a['load_before']:.2f})")
+
+
 def run_training(workers: dict, plan: dict) -> dict:
     runs: list[dict] = []
     kinds = [k for k in KINDS if k in workers]
     for batch in plan["train_batches"]:
         steps, warmup = plan["train_steps"][batch]
-        for r in range(plan["train_rounds"]):
-            for kind in rotate(kinds, r):
-                a = ask(workers[kind], runs, {"phase": "throughput", "batch": batch, "round": r},
-                        cmd="train", batch=batch, steps=steps, warmup=warmup, threads=1,
-                        max_seconds=plan["train_max_seconds"])
-                if "samples_per_s" in a:
-                    say(f"    train  batch {batch:5d} round {r}  {NAMES[kind]:14s} {a['samples_per_s']:9,.0f} "
-                        f"samples/s  ({a['steps']} steps, {a['seconds']:.1f} s, load {a['load_before']:.2f})")
+        timed_rounds(workers, kinds, runs, plan["train_rounds"], {"batch": batch}, f"train  batch {batch:5d}",
+                     batch=batch, steps=steps, warmup=warmup, max_seconds=plan["train_max_seconds"])
         epoch = None if plan["epoch_steps"] is None else plan["epoch_steps"][batch]
         infer_max = None if plan["infer_max_batches"] is None else plan["infer_max_batches"][batch]
         for kind in kinds:
@@ -332,14 +338,8 @@ def run_din(workers: dict, plan: dict) -> dict:
     batch = plan["din_batch"]
     for model in plan["din_models"]:
         steps, warmup = plan["din_steps"][model]
-        for r in range(plan["din_rounds"]):
-            for kind in rotate(kinds, r):
-                a = ask(workers[kind], runs, {"phase": "throughput", "model": model, "round": r},
-                        cmd="train", model=model, batch=batch, steps=steps, warmup=warmup, threads=1,
-                        max_seconds=plan["train_max_seconds"])
-                if "samples_per_s" in a:
-                    say(f"    {model:11s} round {r}  {NAMES[kind]:14s} {a['samples_per_s']:9,.0f} samples/s  "
-                        f"({a['steps']} steps, {a['seconds']:.1f} s, load {a['load_before']:.2f})")
+        timed_rounds(workers, kinds, runs, plan["din_rounds"], {"model": model}, f"{model:11s}", model=model,
+                     batch=batch, steps=steps, warmup=warmup, max_seconds=plan["train_max_seconds"])
     epoch = None if plan["epoch_steps"] is None else plan["epoch_steps"][batch]
     infer_max = None if plan["infer_max_batches"] is None else plan["infer_max_batches"][batch]
     for kind in kinds:

@@ -111,23 +111,6 @@ def model_names(text: str) -> list[str]:
     return names
 
 
-def json_text(data) -> str:
-    """Strict JSON of ``data``: a NaN or infinite float (a metric that does not exist) becomes ``null``.
-
-    ``json.dumps`` would write ``NaN``, which strict JSON parsers refuse.
-    """
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(data), indent=2, default=str, allow_nan=False) + "\n"
-
-
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=SOURCES, default="simulated",
                    help="where the behaviour log comes from (default: simulated)")
@@ -229,6 +212,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     samples = _prepare(args)
     result = _train_one(args, samples, args.model, args.seed, out_dir=out)
+    from dien_tutorial.train import json_text
+
     (out / "metrics.json").write_text(json_text(result))
     print(f"{args.model}: test auc {_metric(result['test_auc'])}  gauc {_metric(result['test_gauc'])}  "
           f"logloss {_metric(result['test_logloss'])}  {result['train_samples_per_s']:,.0f} train samples/s")
@@ -285,6 +270,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        from dien_tutorial.train import json_text
+
         (out / "compare.json").write_text(json_text({"table": table, "runs": rows}))
         print(f"wrote {out / 'compare.json'}")
     return 0

@@ -177,7 +177,7 @@ def din_loss_and_gradients(model: nn.Module, batch: Batch) -> Tensor | None:
                 [d.alpha for d in dices], [d.running_mean for d in dices], [d.running_var for d in dices],
                 [d.eps for d in dices], [d.momentum for d in dices])
     except (IndexError, RuntimeError):  # a failed lookup; name the argument if an id is out of range
-        valid = torch.arange(batch.hist_item.shape[1]) < batch.length.unsqueeze(1)
+        valid = torch.arange(batch.hist_item.shape[1], device=batch.length.device) < batch.length.unsqueeze(1)
         error = id_range_error(model.config, valid, item=batch.item, cate=batch.cate,
                                hist_item=batch.hist_item, hist_cate=batch.hist_cate)
         if error is None:

@@ -88,6 +88,7 @@ from dien_tutorial.train import (
     History,
     TrainConfig,
     evaluate,
+    json_text,
     make_optimizer,
     model_inputs,
     save_checkpoint,
@@ -746,8 +747,6 @@ def check_outputs(out: Path) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     """Write strict JSON atomically (:func:`dien_tutorial.train.write_atomically`); NaN becomes null."""
-    from dien_tutorial.cli import json_text
-
     text = json_text(data)
     write_atomically(path, lambda fh: fh.write(text.encode()))
 

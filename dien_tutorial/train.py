@@ -206,6 +206,23 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def json_text(data) -> str:
+    """Strict JSON of ``data``: a NaN or infinite float (a metric that does not exist) becomes ``null``.
+
+    ``json.dumps`` would write ``NaN``, which strict JSON parsers refuse.
+    """
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str,
                     model_config: dict, optimizer: torch.optim.Optimizer | None = None,
                     extra: dict | None = None) -> Path:
